@@ -32,6 +32,8 @@ class Layout:
     pos_embed: str | None = None
     attn: str = "self_attn"  # the attention submodule inside one block
     mlp: str = "mlp"
+    # further MLP submodules of a block that has no single MLP module (OPT: fc1 + fc2)
+    mlp_extra: tuple[str, ...] = ()
 
 
 # model_type -> layout. The Llama row is the default for model types not listed.
@@ -49,6 +51,7 @@ LAYOUTS: dict[str, Layout] = {
         "model.decoder.embed_positions",
         "self_attn",
         "fc1",
+        ("fc2",),
     ),
     "llama": Layout("model.layers", "model.embed_tokens", "model.norm"),
 }
@@ -81,6 +84,14 @@ class Arch:
     def attention(self, i: int) -> nn.Module:
         return get_module(self.layers[i], self.layout.attn)
 
+    def block_part(self, name: str) -> str:
+        """``"attn"``, ``"mlp"`` or ``"other"`` (norms) for a parameter name inside one block."""
+        if name.startswith(self.layout.attn + "."):
+            return "attn"
+        if any(name.startswith(m + ".") for m in (self.layout.mlp, *self.layout.mlp_extra)):
+            return "mlp"
+        return "other"
+
     @property
     def tied(self) -> bool:
         return self.head.weight is self.embed.weight
@@ -90,13 +101,20 @@ def layout_for(config) -> Layout:
     return LAYOUTS.get(config.model_type, LAYOUTS["llama"])
 
 
+def _is_causal_lm_class(cls: str) -> bool:
+    """``*ForCausalLM``, or a class transformers lists as a causal LM (GPT-2's LMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return cls.endswith("ForCausalLM") or cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def get_arch(model: nn.Module) -> Arch:
     """The :class:`Arch` of a causal LM; a clear error naming the class otherwise."""
     cls = type(model).__name__
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{cls} is not a Hugging Face model (it has no .config)")
-    if getattr(config, "is_encoder_decoder", False) or not cls.endswith("ForCausalLM"):
+    if getattr(config, "is_encoder_decoder", False) or not _is_causal_lm_class(cls):
         raise UnsupportedModelError(
             f"{cls} is not a decoder-only causal LM; inheritune needs a *ForCausalLM model "
             f"(supported families: {', '.join(SUPPORTED)})"

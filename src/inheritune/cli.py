@@ -102,8 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages are the interface; silence the libraries' chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     ns = parser.parse_args(argv)
     cmd = COMMANDS[ns.command]

@@ -1,0 +1,435 @@
+"""Model surgery: build smaller models out of a pretrained reference, as pure functions.
+
+Every function here takes a Hugging Face causal LM (or its config) and returns a NEW model; the
+reference is never modified. A new model is always made the same way (:func:`_build`): copy and
+resize the config, construct a fresh model from it, and load a remapped state dict with strict
+key and shape checks, so a model built here is exactly what ``from_pretrained`` would give for
+the same weights.
+
+* :func:`select_layers` / :func:`first_layers` -- Inheritune's target (paper Alg. 1, step 1):
+  token and position embeddings, the chosen blocks in order, the final norm and the LM head
+  (weight tying kept). ``parts`` is the paper's sub-module ablation (attention only, MLP only,
+  attention + MLP); ``allow_repeats`` gives (hybrid) stacking.
+* :func:`drop_layers` -- the complement of a selection (layer pruning baselines).
+* :func:`random_init` -- the same architecture with fresh weights at any depth.
+* :func:`half_width` -- all layers at half hidden size / heads / MLP width, sliced weights.
+* :func:`inherit` -- the ``inheritune inherit`` command: writes a loadable HF folder.
+
+Usage::
+
+    ref = models.load_model("smollm2-135m")
+    target = first_layers(ref, 15)                 # layers 0..14
+    ablation = select_layers(ref, range(15), parts="attn")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inheritune.arch import SUPPORTED, UnsupportedModelError, get_arch
+from inheritune.config import ConfigError, save_resolved
+
+PARTS = ("block", "attn", "mlp", "attn+mlp")
+# Which block parts each --parts choice inherits; the rest of a kept block is freshly initialised.
+_INHERITED = {
+    "block": {"attn", "mlp", "other"},
+    "attn": {"attn"},
+    "mlp": {"mlp"},
+    "attn+mlp": {"attn", "mlp"},
+}
+# Config entries that hold one value per layer, beyond any list attribute whose name mentions
+# "layer" and whose length is the depth (e.g. ``layer_types``, ``no_rope_layers``).
+_PER_LAYER_LISTS = frozenset({"layer_types", "no_rope_layers", "layers_block_type"})
+# Config entries listing layer indices (Qwen2-MoE: dense-MLP layers): remapped to new positions.
+_LAYER_INDEX_LISTS = frozenset({"mlp_only_layers"})
+# Config thresholds "layers with index < t are special" (Qwen2: layers >= max_window_layers use
+# sliding-window attention; DeepSeek: the first k layers are dense).
+_LAYER_THRESHOLDS = frozenset({"max_window_layers", "first_k_dense_replace"})
+# Width fields that half_width halves (family spellings); None-valued ones are derived.
+_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "word_embed_proj_dim")
+# Fused q|k|v projections laid out as three consecutive blocks along the last dim (GPT-2 Conv1D).
+# GPT-NeoX's query_key_value is interleaved per head instead, so a plain prefix slice is right.
+_FUSED_QKV = {"gpt2": re.compile(r"\.attn\.c_attn\.(weight|bias)$")}
+
+
+# --------------------------------------------------------------------------- selections
+
+
+def parse_layers(spec: str, num_layers: int, allow_repeats: bool = False) -> list[int]:
+    """Indices from ``"0-13"``, ``"0,1,2,5"`` or ``"0-3,8"`` (inclusive ranges), validated."""
+    text = (spec or "").replace(" ", "")
+    if not text:
+        raise ConfigError("--layers is empty; give indices like 0-13 or 0,1,2,5")
+    indices: list[int] = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if m is None:
+            raise ConfigError(
+                f"--layers: cannot parse {item!r} in {spec!r}; use e.g. 0-13 or 0,1,5"
+            )
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if hi < lo:
+            raise ConfigError(f"--layers: range {item!r} runs backwards")
+        indices.extend(range(lo, hi + 1))
+    return check_indices(indices, num_layers, allow_repeats)
+
+
+def check_indices(
+    indices: Sequence[int], num_layers: int, allow_repeats: bool = False, what: str = "--layers"
+) -> list[int]:
+    """Validated list of layer indices of a model with ``num_layers`` blocks."""
+    out = [int(i) for i in indices]
+    if not out:
+        raise ConfigError(f"{what}: no layers selected")
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(
+            f"{what}: layer index {bad[0]} is out of range; the reference has {num_layers} "
+            f"layers (valid indices 0-{num_layers - 1})"
+        )
+    dups = sorted({i for i in out if out.count(i) > 1})
+    if dups and not allow_repeats:
+        raise ConfigError(f"{what}: duplicate layer indices {dups} (stacking needs allow_repeats)")
+    return out
+
+
+def check_depth(k: int, num_layers: int) -> None:
+    """Raise unless 1 <= k <= num_layers, naming the reference depth."""
+    if k < 1:
+        raise ConfigError(f"--num-layers must be >= 1, got {k}")
+    if k > num_layers:
+        raise ConfigError(
+            f"--num-layers {k} exceeds the reference's {num_layers} layers (choose 1-{num_layers})"
+        )
+
+
+# --------------------------------------------------------------------------- config resizing
+
+
+def _num_layers(config) -> int:
+    return int(config.num_hidden_layers)  # gpt2's n_layer through its attribute_map
+
+
+def resize_config(config, indices: Sequence[int]):
+    """A copy of ``config`` whose layer j is the reference's layer ``indices[j]``.
+
+    Sets the depth and re-sizes every per-layer entry: lists with one value per layer are
+    gathered, lists of layer indices are renumbered, and "first t layers" thresholds become the
+    number of kept layers below t. (Attention modules' ``layer_idx`` -- used by KV caches -- is
+    renumbered 0..K-1 simply because the new model is constructed fresh from this config.)
+    """
+    old_n, new = _num_layers(config), copy.deepcopy(config)
+    new.num_hidden_layers = len(indices)
+    for key, value in vars(config).items():
+        if key.startswith("_") or not isinstance(value, list | tuple):
+            continue
+        if key in _LAYER_INDEX_LISTS:
+            setattr(new, key, [j for j, i in enumerate(indices) if i in set(value)])
+        elif len(value) == old_n and (key in _PER_LAYER_LISTS or "layer" in key):
+            setattr(new, key, type(value)(value[i] for i in indices))
+    for key in _LAYER_THRESHOLDS:
+        t = getattr(config, key, None)
+        if isinstance(t, int) and not isinstance(t, bool):
+            below = [i < t for i in indices]
+            # Only a selection whose "below t" layers come first keeps threshold semantics; for
+            # Qwen2 the explicit layer_types list (resized above) is what the model reads anyway.
+            if below != sorted(below, reverse=True) and not hasattr(config, "layer_types"):
+                raise ConfigError(
+                    f"--layers: this selection mixes layers below and above {key}={t}, which "
+                    f"the config cannot express; keep the layers in order"
+                )
+            setattr(new, key, sum(below))
+    return new
+
+
+# --------------------------------------------------------------------------- the one builder
+
+
+def _build(
+    config,
+    state: dict[str, torch.Tensor],
+    *,
+    fresh: frozenset[str] = frozenset(),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    like: nn.Module | None = None,
+) -> nn.Module:
+    """Fresh model from ``config`` loaded with ``state``; the keys in ``fresh`` stay as initialised.
+
+    Strict: every key of the new model must come from ``state`` or be named in ``fresh``, and
+    every tensor must have the new model's shape. Tensors are copied, so nothing is shared with
+    ``state``'s owner. ``like`` passes its generation config on.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=config._attn_implementation
+        )
+    target = model.state_dict()
+    unexpected = sorted(set(state) - set(target))
+    missing = sorted(set(target) - set(state) - fresh)
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if unexpected or missing or wrong:
+        raise UnsupportedModelError(
+            f"surgery on {type(model).__name__} produced a state dict that does not fit the new "
+            f"model: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches "
+            f"{wrong[:5]}"
+        )
+    model.load_state_dict({**target, **state}, strict=True)  # copies into the new parameters
+    if like is not None and getattr(like, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(like.generation_config)
+    return model.eval()
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# --------------------------------------------------------------------------- layer surgery
+
+
+def select_layers(
+    model: nn.Module,
+    indices: Sequence[int],
+    parts: str = "block",
+    allow_repeats: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """A new model of the reference's embeddings, blocks ``indices`` (in order), final norm, head.
+
+    ``parts`` picks what a kept block inherits (the rest is initialised by the model's own
+    ``_init_weights`` under ``seed``): ``block`` everything, ``attn`` / ``mlp`` only that
+    sub-module, ``attn+mlp`` both but not the norms. ``allow_repeats`` permits stacking
+    (``[0, 1, 0, 1]``); each copy is an independent parameter.
+    """
+    if parts not in PARTS:
+        raise ConfigError(f"--parts must be one of {', '.join(PARTS)}, got {parts!r}")
+    arch = get_arch(model)
+    indices = check_indices(indices, arch.num_layers, allow_repeats)
+    if _gpt2_scales_by_layer(model.config) and any(i != j for j, i in enumerate(indices)):
+        warnings.warn(
+            "this GPT-2 config has scale_attn_by_inverse_layer_idx=True: a block moved to a new "
+            "position attends with that position's scale, not its original one",
+            stacklevel=2,
+        )
+    prefix = arch.layout.layers + "."
+    state, fresh = {}, set()
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = tensor
+            continue
+        i, rest = key[len(prefix) :].split(".", 1)
+        for j in (j for j, src in enumerate(indices) if src == int(i)):
+            if parts == "block" or _part(arch, model, int(i), rest) in _INHERITED[parts]:
+                state[f"{prefix}{j}.{rest}"] = tensor
+            else:
+                fresh.add(f"{prefix}{j}.{rest}")
+    config = resize_config(model.config, indices)
+    return _build(config, state, fresh=frozenset(fresh), seed=seed, dtype=_dtype(model), like=model)
+
+
+def _part(arch, model: nn.Module, i: int, name: str) -> str:
+    """Block part of parameter ``name`` of block ``i``; anything not attn/mlp must be a norm."""
+    part = arch.block_part(name)
+    if part == "other":
+        owner = arch.layers[i].get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        if owner is None or "norm" not in type(owner).__name__.lower():
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: cannot tell whether {name!r} of a block belongs to the "
+                f"attention, the MLP or a norm"
+            )
+    return part
+
+
+def _gpt2_scales_by_layer(config) -> bool:
+    return config.model_type == "gpt2" and bool(
+        getattr(config, "scale_attn_by_inverse_layer_idx", False)
+    )
+
+
+def first_layers(model: nn.Module, k: int, parts: str = "block", seed: int = 0) -> nn.Module:
+    """Inheritune's target: the reference's first ``k`` blocks (plus embeddings, norm, head)."""
+    check_depth(k, get_arch(model).num_layers)
+    return select_layers(model, range(k), parts=parts, seed=seed)
+
+
+def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
+    """The reference without blocks ``drop``; the others keep their order."""
+    n = get_arch(model).num_layers
+    gone = set(check_indices(drop, n, what="drop")) if len(drop) else set()
+    keep = [i for i in range(n) if i not in gone]
+    if not keep:
+        raise ConfigError(f"drop: dropping all {n} layers leaves no model")
+    return select_layers(model, keep)
+
+
+def random_init(
+    config, num_layers: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The same architecture with fresh random weights, ``num_layers`` deep (default: same).
+
+    Per-layer config lists follow the reference's first layers; a deeper model repeats them
+    cyclically (an alternating local/global pattern stays alternating).
+    """
+    n = _num_layers(config)
+    k = n if num_layers is None else num_layers
+    if k < 1:
+        raise ConfigError(f"--num-layers must be >= 1, got {k}")
+    from transformers import AutoModelForCausalLM
+
+    new = resize_config(config, [i % n for i in range(k)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            new, dtype=dtype, attn_implementation=new._attn_implementation
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- half width
+
+
+def half_width(model: nn.Module) -> nn.Module:
+    """All layers at half hidden size, half heads (query and KV) and half MLP width.
+
+    Each tensor is the leading slice of the reference's (first half of every halved dimension),
+    which for per-head projections means the first half of the heads; query head h still reads
+    KV head h // (heads / kv_heads). Head size is unchanged.
+    """
+    get_arch(model)  # a clear error for anything but a causal LM
+    config = model.config
+    if config.model_type not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"half_width knows the weight layouts of {', '.join(SUPPORTED)}; "
+            f"{type(model).__name__} (model_type={config.model_type!r}) is not one of them"
+        )
+    new = _half_config(config)
+    fused = _FUSED_QKV.get(config.model_type)
+    ref = model.state_dict()
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(new).state_dict().items()}
+    state = {}
+    for key, shape in shapes.items():
+        src = ref[key]
+        if any(s not in (n, 2 * n) for s, n in zip(src.shape, shape, strict=True)):
+            raise UnsupportedModelError(f"half_width: cannot slice {key} {src.shape} to {shape}")
+        if fused is not None and fused.search(key):
+            q, k, v = src.chunk(3, dim=-1)
+            state[key] = torch.cat([_lead(t, (*shape[:-1], shape[-1] // 3)) for t in (q, k, v)], -1)
+        else:
+            state[key] = _lead(src, shape)
+    return _build(new, state, dtype=_dtype(model), like=model)
+
+
+def _lead(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    return t[tuple(slice(0, n) for n in shape)]
+
+
+def _half_config(config):
+    """Copy of ``config`` at half width; ConfigError when a width does not halve evenly."""
+    new = copy.deepcopy(config)
+    fields = ["hidden_size", "num_attention_heads", "num_key_value_heads", *_WIDTH_FIELDS]
+    for name in fields:
+        value = getattr(config, name, None)
+        if not isinstance(value, int):
+            continue  # absent, or None = derived from hidden_size
+        if value % 2:
+            raise ConfigError(
+                f"half_width needs even widths, but {type(config).__name__} has {name}={value}"
+            )
+        setattr(new, name, value // 2)
+    return new
+
+
+# --------------------------------------------------------------------------- the CLI command
+
+
+@dataclass
+class InheritConfig:
+    """``inheritune inherit``: build a target from the reference's first layers and save it."""
+
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "reference: default name, HF folder, .gguf file or hub id"},
+    )
+    num_layers: int | None = field(
+        default=None, metadata={"help": "keep the first K layers (or give --layers)"}
+    )
+    layers: str | None = field(
+        default=None, metadata={"help": "explicit layer indices, e.g. 0-13 or 0,1,2,5 or 0-3,8"}
+    )
+    out: str = field(default="runs/inherit", metadata={"help": "output folder (HF format)"})
+    parts: str = field(
+        default="block",
+        metadata={"help": "what each kept block inherits (sub-module ablation)", "choices": PARTS},
+    )
+    seed: int = field(default=0, metadata={"help": "seed for freshly initialised parts"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "let transformers run the model repo's own code"}
+    )
+
+    def __post_init__(self) -> None:
+        if (self.num_layers is None) == (self.layers is None):
+            raise ConfigError("give exactly one of --num-layers K or --layers SPEC")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"--num-layers must be >= 1, got {self.num_layers}")
+        if self.parts not in PARTS:
+            raise ConfigError(f"--parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
+
+
+def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
+    """The kept indices of ``cfg`` for a reference of ``num_layers`` blocks."""
+    if cfg.layers is not None:
+        return parse_layers(cfg.layers, num_layers)
+    check_depth(int(cfg.num_layers), num_layers)
+    return list(range(int(cfg.num_layers)))
+
+
+def inherit(cfg: InheritConfig) -> Path:
+    """Write the target as an HF folder (+ tokenizer, inheritune.yaml, provenance.json)."""
+    from inheritune import __version__
+    from inheritune.models import count_parameters, load_config, load_model, load_tokenizer
+
+    # Check the selection against the reference's config before loading any weights.
+    indices = resolve_indices(cfg, _num_layers(load_config(cfg.model, cfg.trust_remote_code)))
+    ref = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target.save_pretrained(out)
+    load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(out)
+    save_resolved(cfg, out / "inheritune.yaml")
+    provenance = {
+        "reference": cfg.model,
+        "reference_class": type(ref).__name__,
+        "reference_layers": get_arch(ref).num_layers,
+        "kept_layers": indices,
+        "parts": cfg.parts,
+        "seed": cfg.seed,
+        "parameters": {"reference": count_parameters(ref), "target": count_parameters(target)},
+        "inheritune_version": __version__,
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(
+        f"inherited {len(indices)} of {provenance['reference_layers']} layers of {cfg.model} "
+        f"({provenance['parameters']['target']:,} of {provenance['parameters']['reference']:,} "
+        f"parameters) -> {out}"
+    )
+    return out
