@@ -1,0 +1,164 @@
+"""Checkpoints: atomic writes, manifest verification, fallback to the previous good checkpoint,
+pickle-free optimizer and RNG state that round-trips exactly."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CORPUS_TEXT, tiny_model
+from inheritune import checkpoint as ckpt
+from inheritune import data
+from inheritune import train as T
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run(tmp_path, tokenizer):
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6."""
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS_TEXT * 2)
+    tokens = data.load_tokens(str(p), tokenizer)
+    cfg = T.TrainConfig(
+        out=str(tmp_path / "run"),
+        steps=6,
+        batch_size=2,
+        seq_len=16,
+        warmup=1,
+        eval_every=0,
+        eval_tokens=32,
+        save_every=2,
+        keep_last=0,
+    )
+    T.train_model(tiny_model("llama"), tokenizer, tokens, cfg)
+    return cfg, tokens
+
+
+def _flip_byte(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_layout_is_hf_folder_without_pickle(run):
+    cfg, _ = run
+    root = ckpt.checkpoints_root(cfg.out)
+    names = [p.name for p in ckpt.list_checkpoints(root)]
+    assert names == ["step-00000002", "step-00000004", "step-00000006"]
+    assert ckpt.read_latest(root).name == "step-00000006"
+    files = {p.name for p in (root / "step-00000004").iterdir()}
+    assert {"config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors"} <= files
+    assert {"trainer_state.json", "manifest.json", "tokenizer.json"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    manifest = ckpt.verify_checkpoint(root / "step-00000004")
+    assert manifest["step"] == 4 and "model.safetensors" in manifest["files"]
+
+
+def test_corrupt_checkpoint_refused_and_previous_resumes(run, tokenizer):
+    cfg, tokens = run
+    root = ckpt.checkpoints_root(cfg.out)
+    latest = root / "step-00000006"
+    _flip_byte(latest / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        ckpt.verify_checkpoint(latest)
+    with pytest.warns(UserWarning, match="previous good one.*step-00000004"):
+        assert ckpt.find_resume_checkpoint(cfg.out) == root / "step-00000004"
+    # Resuming continues from step 4 and redoes steps 5-6.
+    cfg.resume, cfg.steps = True, 6
+    with pytest.warns(UserWarning, match="step-00000004"):
+        res = T.train_model(tiny_model("llama"), tokenizer, tokens, cfg)
+    assert res.steps == 6
+    ckpt.verify_checkpoint(root / "step-00000006")  # rewritten intact
+
+
+def test_half_written_checkpoint_refused(run):
+    cfg, _ = run
+    root = ckpt.checkpoints_root(cfg.out)
+    (root / "step-00000006" / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="half-written"):
+        ckpt.verify_checkpoint(root / "step-00000006")
+    (root / "step-00000004" / "optimizer.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing"):
+        ckpt.load_training_state(root / "step-00000004")
+    with pytest.warns(UserWarning, match="refused 2"):
+        assert ckpt.find_resume_checkpoint(cfg.out).name == "step-00000002"
+    _flip_byte(root / "step-00000002" / "trainer_state.json")
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
+        ckpt.find_resume_checkpoint(cfg.out)
+
+
+def test_cli_reports_checkpoint_error_cleanly(run, tmp_path, tiny_folder, corpus_file, capsys):
+    from inheritune import cli
+
+    model = tiny_folder("llama")
+    out = tmp_path / "c"
+    args = ["train", "--model", str(model), "--data", str(corpus_file), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "32"]
+    args += ["--save-every", "1"]
+    assert cli.main(args) == 0
+    for c in ckpt.list_checkpoints(ckpt.checkpoints_root(out)):
+        _flip_byte(c / "model.safetensors")
+    assert cli.main([*args, "--resume"]) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err
+
+
+def test_write_folder_atomically_leaves_nothing_on_failure(tmp_path):
+    def populate(tmp):
+        (tmp / "a.txt").write_text("a")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt.write_folder_atomically(tmp_path / "x", populate)
+    assert list(tmp_path.iterdir()) == []
+    ckpt.write_folder_atomically(tmp_path / "x", lambda t: (t / "b.txt").write_text("b"))
+    ckpt.write_folder_atomically(tmp_path / "x", lambda t: (t / "c.txt").write_text("c"))
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["c.txt", "manifest.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_prune_keeps_last_n_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (1, 2, 3, 4):
+        ckpt.write_folder_atomically(root / ckpt.step_name(s), lambda t: None)
+    ckpt.atomic_write_text(root / ckpt.LATEST, ckpt.step_name(4))
+    ckpt.prune(root, 2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000004"]
+
+
+def test_optimizer_and_rng_round_trip(tmp_path):
+    model = tiny_model("llama")
+    cfg = T.TrainConfig()
+    opt = T.make_optimizer(model, cfg, fsdp=False)
+    model(torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
+    opt.step()
+    sd = T.optimizer_state(model, opt, fsdp=False)
+    assert "model.embed_tokens.weight" in sd["state"]
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    tensors, scalars = ckpt.rng_state()
+    ckpt.save_training_state(tmp_path, sd, {"step": 1}, tensors, scalars)
+    ckpt.write_manifest(tmp_path)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    opt_sd, state, rt, rs = ckpt.load_training_state(tmp_path)
+    assert state["step"] == 1
+    ckpt.set_rng_state(rt, rs)
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])
+    opt2 = T.make_optimizer(model, cfg, fsdp=False)
+    T.load_optimizer_state(model, opt2, opt_sd, fsdp=False)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i, st in a["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)

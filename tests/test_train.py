@@ -1,0 +1,401 @@
+"""Training loop: loss normalisation, fused head loss, schedule, parameter groups, fixed
+evaluation windows, exact resume (clean stop and kill -9), NaN stop, tokenizer mismatch, the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CORPUS_TEXT, make_tokenizer, tiny_model
+from inheritune import checkpoint as ckpt
+from inheritune import cli, data
+from inheritune import train as T
+from inheritune.config import ConfigError
+
+SEQ = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tokens(tmp_path, tokenizer):
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS_TEXT * 2)
+    return data.load_tokens(str(p), tokenizer)
+
+
+def cfg_for(out: Path, **kw) -> T.TrainConfig:
+    base = dict(
+        model="unused",
+        data="unused",
+        out=str(out),
+        steps=8,
+        batch_size=4,
+        seq_len=SEQ,
+        warmup=2,
+        eval_every=4,
+        eval_tokens=4 * SEQ,
+        save_every=4,
+        log_every=1,
+        lr=3e-3,
+    )
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    losses = {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert len(steps) == len(set(steps)), "a step is logged twice"
+    return losses
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_micro_loss_scale_makes_accumulation_equal_one_batch():
+    """G micro-batches of B/G, each scaled by micro_loss_scale, give the gradient of one batch B."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    x = torch.randint(0, 300, (8, SEQ + 1))
+
+    def grads(accum: int) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(model).train()
+        loss_mod = T.CausalLMLoss(m)
+        micro = 8 // accum
+        scale = T.micro_loss_scale(micro * SEQ, 8 * SEQ, world_size=1)
+        for chunk in x.split(micro):
+            (loss_mod(chunk[:, :-1], chunk[:, 1:]) * scale).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    one, four = grads(1), grads(4)
+    for n in one:
+        torch.testing.assert_close(four[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert T.micro_loss_scale(64, 256, 1) == 0.25
+    # Two ranks, each holding half of the batch: DDP's average over ranks is undone.
+    assert T.micro_loss_scale(128, 256, 2) == 1.0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_reference(with_bias):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True) if with_bias else None
+    t = torch.randint(0, 50, (37,))
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t)
+    ref_grads = torch.autograd.grad(ref * 3.0, [h, w] + ([b] if with_bias else []))
+    mine = T.linear_cross_entropy(h, w, b, t, chunk=8)  # several chunks, one ragged
+    my_grads = torch.autograd.grad(mine * 3.0, [h, w] + ([b] if with_bias else []))
+    torch.testing.assert_close(mine, ref)
+    for a, r in zip(my_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_model_loss_matches_hf_logits_path():
+    model = tiny_model("gpt2")  # gpt2 keeps dropout: eval mode to compare
+    x = torch.randint(0, 300, (3, SEQ + 1))
+    logits = model(x[:, :-1]).logits
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    assert T.CausalLMLoss(model).fused
+    torch.testing.assert_close(T.CausalLMLoss(model, chunk=5)(x[:, :-1], x[:, 1:]), ref)
+
+
+def test_lr_schedule():
+    cfg = cfg_for(Path("x"), steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lrs = [T.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert T.lr_at(100, cfg) == pytest.approx(0.1)
+    assert T.lr_at(55, cfg) == pytest.approx(0.55)  # half way through the cosine
+
+
+def test_param_groups_decay_and_scales():
+    model = tiny_model("llama")  # tied embeddings/head
+    cfg = cfg_for(Path("x"), weight_decay=0.1, embed_lr_scale=0.5, norm_lr_scale=2.0)
+    groups = {g["name"]: g for g in T.param_groups(model, cfg)}
+    emb = model.get_input_embeddings().weight
+    assert any(p is emb for p in groups["embed"]["params"])
+    assert groups["embed"]["weight_decay"] == 0.0 and groups["embed"]["lr_scale"] == 0.5
+    assert groups["norm"]["weight_decay"] == 0.0 and groups["norm"]["lr_scale"] == 2.0
+    assert all(p.ndim == 2 for p in groups["decay"]["params"])
+    n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # tied weight counted once
+    untied = tiny_model("gpt_neox")  # untied head with decay, its own scale
+    g2 = {g["name"]: g for g in T.param_groups(untied, cfg_for(Path("x"), head_lr_scale=3.0))}
+    assert g2["head"]["lr_scale"] == 3.0 and g2["head"]["weight_decay"] == 0.1
+
+
+def test_freeze_patterns():
+    model = tiny_model("llama")
+    frozen = T.apply_freeze(model, ["embed_tokens", "model.layers.0.*"])
+    assert "model.embed_tokens.weight" in frozen
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    assert model.lm_head.weight.requires_grad is False  # tied: frozen together
+    names = {n for g in T.param_groups(model, cfg_for(Path("x"))) for n in [g["name"]]}
+    assert "embed" not in names
+    with pytest.raises(ConfigError, match="--freeze"):
+        T.apply_freeze(model, ["no_such_param"])
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="--grad-accum"):
+        T.TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ConfigError, match="--min-lr"):
+        T.TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ConfigError, match="--distill-alpha"):
+        T.TrainConfig(distill_alpha=1.5)
+
+
+def test_sampler_is_deterministic_and_resumable():
+    a = T.WindowSampler(1000, 10, seed=3)
+    seq = [a.next_starts(8) for _ in range(30)]  # crosses epochs (99 windows)
+    b = T.WindowSampler(1000, 10, seed=3)
+    for _ in range(13):
+        b.next_starts(8)
+    c = T.WindowSampler(1000, 10, seed=3)
+    c.load_state_dict(b.state_dict())
+    for s in seq[13:]:
+        np.testing.assert_array_equal(c.next_starts(8), s)
+    assert {int(x) for x in seq[0]} <= set(range(0, 990, 10))
+    assert len(set(seq[0].tolist())) == 8  # no window twice in a batch
+    other = T.WindowSampler(1000, 10, seed=4)
+    assert not np.array_equal(other.next_starts(8), seq[0])
+
+
+def test_eval_windows_fixed_and_from_validation(tokens):
+    w1 = T.eval_windows(tokens, SEQ, 5 * SEQ)
+    w2 = T.eval_windows(tokens, SEQ, 5 * SEQ)
+    assert w1.shape == (5, SEQ + 1)
+    np.testing.assert_array_equal(w1, w2)
+    val = np.asarray(tokens.val, dtype=np.int64)
+    np.testing.assert_array_equal(w1[1], val[SEQ : 2 * SEQ + 1])
+    assert (w1[:-1, -1] == w1[1:, 0]).all()  # consecutive: each token predicted once
+    model = tiny_model("llama")
+    a = T.evaluate_loss(model, w1, batch_size=2)
+    b = T.evaluate_loss(model, w1, batch_size=5)
+    x = torch.from_numpy(w1)
+    with torch.no_grad():
+        logits = model(x[:, :-1]).logits
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+    assert a == pytest.approx(ref, rel=1e-5) and b == pytest.approx(ref, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_train_model_outputs_and_tied_weights(tmp_path, tokens, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    res = T.train_model(model, tokenizer, tokens, cfg_for(tmp_path / "run", keep_last=1))
+    out = tmp_path / "run"
+    for name in ("log.jsonl", "config.yaml", "loss.png", "result.json"):
+        assert (out / name).is_file(), name
+    assert [e["step"] for e in res.evals] == [0, 4, 8]
+    assert res.final_val_loss < res.evals[0]["val_loss"]  # it learned something
+    assert res.steps == 8 and res.tokens == 8 * 4 * SEQ and res.tokens_per_s > 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000008"]
+    train_recs = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    keys = {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm"}
+    assert keys <= set(next(r for r in train_recs if r["kind"] == "train"))
+    for folder in (res.final_dir, res.checkpoint):
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        torch.testing.assert_close(
+            loaded.model.embed_tokens.weight, model.model.embed_tokens.weight
+        )
+    # The final model reproduces the final evaluation.
+    windows = T.eval_windows(tokens, SEQ, 4 * SEQ)
+    assert T.evaluate_loss(loaded, windows, 4) == pytest.approx(res.final_val_loss, rel=1e-6)
+
+
+def test_existing_run_needs_resume(tmp_path, tokens, tokenizer):
+    T.train_model(tiny_model("llama"), tokenizer, tokens, cfg_for(tmp_path / "r", steps=2))
+    with pytest.raises(ConfigError, match="--resume"):
+        T.train_model(tiny_model("llama"), tokenizer, tokens, cfg_for(tmp_path / "r", steps=2))
+
+
+def test_exact_resume_after_clean_stop(tmp_path, tokens, tokenizer, monkeypatch):
+    """SIGINT mid-run saves and stops; --resume then reproduces the uninterrupted losses.
+
+    gpt2 keeps dropout on, so the RNG state must be restored too.
+    """
+    ref = T.train_model(tiny_model("gpt2"), tokenizer, tokens, cfg_for(tmp_path / "ref"))
+    assert ref.steps == 8
+    real_append = T._append_log
+
+    def append_then_interrupt(path, record):
+        real_append(path, record)
+        if record.get("kind") == "train" and record["step"] == 5:
+            signal.raise_signal(signal.SIGINT)  # the real handler runs
+
+    monkeypatch.setattr(T, "_append_log", append_then_interrupt)
+    first = T.train_model(tiny_model("gpt2"), tokenizer, tokens, cfg_for(tmp_path / "run"))
+    monkeypatch.setattr(T, "_append_log", real_append)
+    assert first.interrupted and first.stop_signal == signal.SIGINT
+    assert 5 <= first.steps < 8 and first.checkpoint.name == ckpt.step_name(first.steps)
+    assert not (tmp_path / "run" / "final").exists()
+    # Resume with a freshly initialised model: everything comes from the checkpoint.
+    second = T.train_model(
+        tiny_model("gpt2", seed=1), tokenizer, tokens, cfg_for(tmp_path / "run", resume=True)
+    )
+    assert second.steps == 8 and not second.interrupted
+    a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-5), s
+    assert [e["step"] for e in second.evals] == [0, 4, 8]
+    assert second.final_val_loss == pytest.approx(ref.final_val_loss, abs=1e-5)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from inheritune import checkpoint, cli
+    real = checkpoint.write_manifest
+    calls = []
+    def write_manifest(folder, meta=None):
+        calls.append(folder)
+        if len(calls) == 2:  # die half-way through writing the second checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(folder, meta)
+    checkpoint.write_manifest = write_manifest
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def _cli_args(model: Path, corpus: Path, out: Path, **extra) -> list[str]:
+    args = ["train", "--model", str(model), "--data", str(corpus), "--out", str(out)]
+    opts = dict(steps=8, batch_size=4, seq_len=SEQ, warmup=2, eval_every=4, save_every=3)
+    opts.update(eval_tokens=4 * SEQ, log_every=1, lr=3e-3, keep_last=3)
+    opts.update(extra)
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_exact_resume_after_kill9(tmp_path, tiny_folder, corpus_file):
+    """kill -9 while the second checkpoint is half-written: resume uses the first, exactly."""
+    model = tiny_folder("gpt2")
+    assert cli.main(_cli_args(model, corpus_file, tmp_path / "ref")) == 0
+    script = tmp_path / "killme.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(T.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), *_cli_args(model, corpus_file, tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert ckpt.read_latest(root).name == "step-00000003"
+    assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the torn write is left over
+    assert cli.main([*_cli_args(model, corpus_file, tmp_path / "run"), "--resume"]) == 0
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-5), s
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, tokenizer, monkeypatch):
+    model = tiny_model("llama")
+    real_append = T._append_log
+
+    def poison(path, record):
+        real_append(path, record)
+        if record.get("kind") == "train" and record["step"] == 5:
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(T, "_append_log", poison)
+    out = tmp_path / "run"
+    with pytest.raises(T.TrainingError, match=r"non-finite loss .* step 6.*step-00000004"):
+        T.train_model(model, tokenizer, tokens, cfg_for(out))
+    monkeypatch.setattr(T, "_append_log", real_append)
+    root = out / "checkpoints"
+    assert ckpt.read_latest(root).name == "step-00000004"
+    ckpt.verify_checkpoint(root / "step-00000004")
+    res = T.train_model(tiny_model("llama"), tokenizer, tokens, cfg_for(out, resume=True))
+    assert res.steps == 8 and math.isfinite(res.final_val_loss)
+
+
+def test_tokenizer_mismatch_refused(tmp_path, tiny_folder, corpus_file, tokens):
+    other = make_tokenizer(vocab=300)
+    other_tokens = data.load_tokens(str(corpus_file), other)
+    # A token folder made by another tokenizer, passed as --data, is refused by the CLI ...
+    model = tiny_folder("llama")
+    with pytest.raises(data.TokenizerMismatchError):
+        T.train(cfg_for(tmp_path / "cli", model=str(model), data=str(other_tokens.path)))
+    assert cli.main(_cli_args(model, other_tokens.path, tmp_path / "cli2")) == 2
+    # ... and so is a Tokens object that does not belong to the tokenizer in process.
+    with pytest.raises(data.TokenizerMismatchError):
+        T.train_model(tiny_model("llama"), other, tokens, cfg_for(tmp_path / "inproc"))
+
+
+def test_distillation_loss(tmp_path, tokens, tokenizer):
+    """loss = (1-a)*LM + a*KL(teacher||student); with the student's own copy the KL is 0."""
+    student = tiny_model("llama")
+    x = torch.randint(0, 300, (2, SEQ + 1))
+    other = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        t_logits = other(x[:, :-1]).logits
+        s_logits = student(x[:, :-1]).logits
+    lm = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), x[:, 1:].flatten())
+    p_t = torch.softmax(t_logits / 2.0, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1).mean() * 4.0
+    got = T.CausalLMLoss(student)(x[:, :-1], x[:, 1:], t_logits, 0.4, 2.0)
+    torch.testing.assert_close(got, 0.6 * lm + 0.4 * kl, rtol=1e-5, atol=1e-6)
+    teacher = copy.deepcopy(student)
+    cfg = cfg_for(tmp_path / "kd", steps=2, distill_alpha=1.0)
+    res = T.train_model(student, tokenizer, tokens, cfg, teacher=teacher)
+    assert train_losses(tmp_path / "kd")[1] == pytest.approx(0.0, abs=1e-6)
+    assert res.steps == 2
+    with pytest.raises(ConfigError, match="teacher"):
+        T.train_model(student, tokenizer, tokens, cfg_for(tmp_path / "kd2", distill_alpha=0.4))
+
+
+def test_grad_accum_follows_same_trajectory(tmp_path, tokens, tokenizer):
+    a = T.train_model(tiny_model("llama"), tokenizer, tokens, cfg_for(tmp_path / "a", steps=4))
+    b = T.train_model(
+        tiny_model("llama"), tokenizer, tokens, cfg_for(tmp_path / "b", steps=4, grad_accum=4)
+    )
+    la, lb = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], abs=1e-4)
+    assert b.final_val_loss == pytest.approx(a.final_val_loss, abs=1e-4)
+
+
+def test_cli_train_bf16(tmp_path, tiny_folder, corpus_file):
+    model = tiny_folder("qwen2")
+    out = tmp_path / "bf16"
+    assert cli.main(_cli_args(model, corpus_file, out, steps=2, precision="bf16")) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert math.isfinite(res["final_val_loss"]) and res["steps"] == 2
