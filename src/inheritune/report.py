@@ -1,0 +1,232 @@
+"""The recipe's outputs: inference-speed measurement, report.json, report.md and the curve plot.
+
+:mod:`inheritune.recipe` gathers one plain dict (the JSON report) and hands it to
+:func:`write_report`, which writes ``report.json``, one PNG with every round's validation curve
+against the target loss, and ``report.md`` (a table of the reference and the rounds, the
+analysis plots and the curves). :func:`measure_speed` times forward passes so the report can say
+how much faster the smaller model is *on this machine*, not only how much smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inheritune import plots
+from inheritune.checkpoint import atomic_write_text
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CURVES_PNG = "curves.png"
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON through a temporary sibling and an atomic rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    return path
+
+
+@torch.inference_mode()
+def measure_speeds(
+    models: dict[str, torch.nn.Module],
+    batch_size: int,
+    seq_len: int,
+    *,
+    warmup: int = 2,
+    iters: int = 5,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Forward-pass throughput of each model on the same random ids of shape (batch_size, seq_len).
+
+    ``warmup`` untimed passes per model first (allocator, kernel selection, lazy init), then
+    ``iters`` timed rounds in which every model runs once in turn, so that load from other
+    processes on a shared machine hits all models alike; each model's median pass time sets
+    its tokens/s.
+    """
+    if batch_size < 1 or seq_len < 1 or iters < 1 or warmup < 0:
+        raise ValueError("measure_speeds needs batch_size, seq_len, iters >= 1 and warmup >= 0")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(m.get_input_embeddings().weight.shape[0] for m in models.values())
+    ids_cpu = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)  # (B, T)
+    modes = {name: m.training for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+
+    def timed(model: torch.nn.Module) -> float:
+        device = next(model.parameters()).device
+        ids = ids_cpu.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    try:
+        for m in models.values():
+            m.eval()
+            for _ in range(warmup):
+                timed(m)
+        for _ in range(iters):
+            for name, m in models.items():
+                times[name].append(timed(m))
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    out = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        out[name] = {
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "iters": iters,
+            "median_s": median,
+            "tokens_per_s": batch_size * seq_len / median,
+        }
+    return out
+
+
+def measure_speed(model: torch.nn.Module, batch_size: int, seq_len: int, **kw) -> dict[str, float]:
+    """:func:`measure_speeds` for one model."""
+    return measure_speeds({"model": model}, batch_size, seq_len, **kw)["model"]
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _millions(n: int | None) -> str:
+    """134.5M for real models; exact counts for tiny ones where 0.0M would say nothing."""
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _start(run: dict[str, Any]) -> str:
+    """Validation loss before the first step (the inherited model), if it was evaluated."""
+    evals = run.get("evals") or []
+    return _fmt(evals[0]["val_loss"]) if evals and evals[0]["step"] == 0 else "-"
+
+
+def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
+    """All rounds' validation curves (x = tokens trained in that round) and the target line."""
+    curves = {}
+    for r in report["rounds"]:
+        evals = r.get("evals") or []
+        curves[f"round {r['round']}: {r['layers']} layers"] = (
+            [e["tokens"] for e in evals],
+            [e["val_loss"] for e in evals],
+        )
+    return plots.plot_curves(
+        curves,
+        path,
+        title="validation loss per round",
+        xlabel="tokens trained in the round",
+        reference=report["target"]["val_loss"],
+        reference_label=report["target"]["label"],
+    )
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: what was run, the table, the verdict, the speed and the plots."""
+    ref, final, tgt = report["reference"], report["final"], report["target"]
+    lines = [
+        "# Inheritune run",
+        "",
+        f"- reference: `{report['model']}` ({ref['layers']} layers, "
+        f"{_millions(ref['parameters'])} parameters)",
+        f"- data: `{report['data']}`; validation on {tgt['eval_windows']} fixed windows of "
+        f"{tgt['seq_len']} tokens from the held-out split",
+        f"- initial depth: {report['init_depth']['layers']} layers "
+        f"(`--init-depth {report['init_depth']['mode']}`); grow by {report['grow_by']} "
+        f"layers per round, growth mode `{report['growth']}` "
+        f"({'each round restarts from the reference' if report['growth'] == 'reinit' else 'trained layers kept, next reference layers appended'})",
+        f"- target: {tgt['label']} validation loss {_fmt(tgt['val_loss'])}, "
+        f"tolerance {_fmt(tgt['tolerance'])}: a round matches when its loss <= "
+        f"{_fmt(tgt['val_loss'] + tgt['tolerance'])}",
+        f"- steps per round: {report['steps_per_round']}",
+        "",
+        "| model | layers | parameters | tokens trained | wall time (s) | val loss at start "
+        "| val loss | val ppl | matched |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| reference (zero-shot) | {ref['layers']} | {_millions(ref['parameters'])} | - | - | "
+        f"- | {_fmt(ref['val_loss'])} | {_fmt(ref['val_ppl'], 2)} | - |",
+    ]
+    trained = ref.get("trained")
+    if trained:
+        lines.append(
+            f"| reference (trained) | {ref['layers']} | {_millions(ref['parameters'])} | "
+            f"{trained['tokens']:,} | {_fmt(trained['wall_s'], 0)} | {_start(trained)} | "
+            f"{_fmt(trained['val_loss'])} | "
+            f"{_fmt(trained['val_ppl'], 2)} | - |"
+        )
+    for r in report["rounds"]:
+        lines.append(
+            f"| round {r['round']} | {r['layers']} | {_millions(r['parameters'])} | "
+            f"{r['tokens']:,} | {_fmt(r['wall_s'], 0)} | {_start(r)} | {_fmt(r['val_loss'])} | "
+            f"{_fmt(r['val_ppl'], 2)} | {'yes' if r['matched'] else 'no'} |"
+        )
+    speed = final.get("speed") or {}
+    verdict = "matched" if final["matched"] else "did NOT match"
+    lines += [
+        "",
+        f"**Result:** the {final['layers']}-layer target {verdict} the {tgt['label']} "
+        f"(val loss {_fmt(final['val_loss'])} vs {_fmt(tgt['val_loss'])}, difference "
+        f"{final['val_loss'] - tgt['val_loss']:+.4f}); stopped because: {final['stop_reason']}.",
+        "",
+        f"- parameters: {final['parameters']:,} vs {ref['parameters']:,} "
+        f"(saved {final['parameters_saved']:,}, {final['parameters_saved_pct']:.1f}%)",
+        f"- total training: {report['total']['tokens']:,} tokens in {report['total']['rounds']} "
+        f"round(s), {_fmt(report['total']['wall_s'], 0)} s",
+    ]
+    if speed:
+        lines.append(
+            f"- inference speed on this machine ({speed['device']}, batch {speed['batch_size']} x "
+            f"{speed['seq_len']} tokens, median of {speed['iters']} forward passes after "
+            f"warm-up): target {speed['target_tokens_per_s']:,.0f} tok/s, reference "
+            f"{speed['reference_tokens_per_s']:,.0f} tok/s ({speed['speedup']:.2f}x)"
+        )
+    lines += [f"- final model (Hugging Face folder): `{final['model_dir']}`", ""]
+    lines += ["## Validation curves", "", f"![validation curves]({report['curves_png']})", ""]
+    analysis = report.get("analysis")
+    if analysis:
+        lines += ["## Attention-collapse analysis of the reference", ""]
+        lazy = analysis.get("lazy_layers")
+        if lazy is not None:
+            lines.append(f"- lazy layers (MaxRank ~ 1): {lazy if lazy else 'none'}")
+        suggested = analysis.get("suggested_depth")
+        if suggested:
+            lines.append(
+                f"- suggested initial depth: paper L/2 = {suggested['paper_half']}; "
+                f"analysis-based = {suggested['analysis']} ({suggested['rule']})"
+            )
+        if analysis.get("json"):
+            lines.append(f"- full numbers: `{analysis['json']}`")
+        lines.append("")
+        for png in analysis.get("plots", []):
+            lines += [f"![{Path(png).stem}]({png})", ""]
+    lines += [f"Resolved config: `{report['config_file']}`", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    """Write report.json, the curve PNG and report.md into ``out``; returns report.md's path."""
+    out = Path(out)
+    report = dict(report, curves_png=CURVES_PNG)
+    plot_rounds(report, out / CURVES_PNG)
+    write_json_atomic(out / REPORT_JSON, report)
+    md = out / REPORT_MD
+    md.write_text(render_markdown(report))
+    return md
