@@ -1,0 +1,309 @@
+"""``inheritune compare``: every variant end to end on a tiny model, caching, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inheritune import baselines, cli, models, scoring, surgery
+from inheritune.baselines import VARIANTS, CompareConfig, compare
+from inheritune.config import ConfigError
+from inheritune.data import load_tokens
+from inheritune.train import eval_windows, evaluate_loss
+
+TRAIN = {
+    "batch_size": 2,
+    "seq_len": 16,
+    "eval_every": 1,
+    "eval_tokens": 64,
+    "save_every": 0,
+    "warmup": 0,
+    "lr": 3e-3,
+    "log_every": 1,
+}
+
+
+def make_cfg(folder, corpus, out, **kw) -> CompareConfig:
+    base = {
+        "model": str(folder),
+        "data": str(corpus),
+        "out": str(out),
+        "depth": 2,
+        "steps": 2,
+        "train": dict(TRAIN),
+        "calib_windows": 4,
+        "calib_seq_len": 16,
+    }
+    return CompareConfig(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU two intra-op threads
+    spin against other processes: one thread makes these tests ~5x faster there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any variant starts training."""
+
+    def boom(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(baselines, "train_model", boom)
+
+
+def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsys):
+    folder = tiny_folder("llama", layers=4)
+    cfg = make_cfg(folder, corpus_file, tmp_path / "cmp")
+    res = compare(cfg)
+    rows = {r["variant"]: r for r in res.rows}
+    assert list(rows) == list(VARIANTS) and not res.skipped
+
+    # the table and the plot exist and name every variant
+    md = res.markdown.read_text()
+    for name in VARIANTS:
+        assert f"| {name}" in md
+    assert res.plot.stat().st_size > 1000
+    summary = json.loads(res.json.read_text())
+    assert [r["variant"] for r in summary["variants"]] == list(VARIANTS)
+
+    # the reference loss is the reference evaluated on train's own fixed validation windows
+    ref = models.load_model(str(folder))
+    tokens = load_tokens(str(corpus_file), models.load_tokenizer(str(folder)))
+    windows = eval_windows(tokens, 16, 64)
+    assert res.reference_loss == pytest.approx(evaluate_loss(ref, windows, 2), abs=1e-6)
+    # ... and so is each variant's step-0 loss, for the model that variant starts from
+    inh = surgery.first_layers(ref, 2)
+    assert rows["inheritune"]["loss_before"] == pytest.approx(
+        evaluate_loss(inh, windows, 2), abs=1e-5
+    )
+    lazy = surgery.select_layers(ref, [2, 3])
+    assert rows["lazy-init"]["loss_before"] == pytest.approx(
+        evaluate_loss(lazy, windows, 2), abs=1e-5
+    )
+
+    # same init for the three random-start students; equal budgets except the 2T ones
+    befores = {rows[n]["loss_before"] for n in ("random", "random-2x", "kd-random")}
+    assert len(befores) == 1
+    t = rows["inheritune"]["tokens"]
+    assert t == 2 * 2 * 16  # steps x batch x seq_len
+    for name, r in rows.items():
+        assert r["tokens"] == (2 * t if name in ("random-2x", "stacking") else t), name
+        assert r["layers"] == (4 if name == "half-width" else 2), name
+        assert r["evals"][0]["step"] == 0 and r["evals"][-1]["tokens"] == r["tokens"]
+        assert r["loss_after"] == r["evals"][-1]["val_loss"]
+        assert r["tokens_to_reference"] == baselines.tokens_to_reach(r["evals"], res.reference_loss)
+    assert "random-2x †" in md and "stacking †" in md and "inheritune †" not in md
+    # distillation changes the trajectory of the same initial weights
+    assert rows["kd-random"]["loss_after"] != rows["random"]["loss_after"]
+
+    # layer selections
+    assert rows["hybrid"]["init"]["layers_from"] == [0, 0]
+    assert rows["kd-every-other"]["init"]["layers_from"] == [0, 2]
+    assert rows["stacking"]["init"]["stacked"] == [0, 0]
+    # stage 2 starts from the stacked stage-1 model, not from scratch
+    s1_end = rows["stacking"]["evals"][2]
+    assert s1_end["tokens"] == t and rows["stacking"]["evals"][3]["tokens"] == t
+    assert rows["half-width"]["parameters"] < summary["reference"]["parameters"]
+    scores = json.loads((tmp_path / "cmp" / "scores.json").read_text())["scores"]
+    assert rows["prune-bi"]["init"]["dropped"] == scoring.lowest_bi_drop(
+        scores["block_influence"], 2
+    )
+    assert rows["prune-angular"]["init"]["dropped"] == scoring.best_block_drop(
+        scores["angular_distance"], 2
+    )
+    assert len(scores["max_rank"]) == 4 and len(rows["prune-lazy"]["init"]["dropped"]) == 2
+    for name in ("prune-bi", "prune-angular", "prune-lazy"):
+        init = rows[name]["init"]
+        assert sorted(init["dropped"] + init["layers_from"]) == [0, 1, 2, 3]
+
+
+def test_cached_variants_are_skipped_and_changes_refused(
+    tiny_folder, corpus_file, tmp_path, monkeypatch
+):
+    folder = tiny_folder("llama", layers=4)
+    cfg = make_cfg(folder, corpus_file, tmp_path / "cmp", variants=["inheritune", "random"])
+    first = compare(cfg)
+
+    calls = []
+    real = baselines.train_model
+    monkeypatch.setattr(
+        baselines, "train_model", lambda *a, **k: calls.append(a[3].out) or real(*a, **k)
+    )
+    again = compare(cfg)
+    assert calls == []  # both finished: nothing retrained
+    assert [r["loss_after"] for r in again.rows] == [r["loss_after"] for r in first.rows]
+
+    # a variant without its result.json (killed after training) is redone from its cache
+    (tmp_path / "cmp" / "random" / "result.json").unlink()
+    compare(cfg)
+    assert calls == []  # the finished training stage is cached separately
+    # adding a variant trains only that one
+    compare(make_cfg(folder, corpus_file, tmp_path / "cmp", variants=["inheritune", "lazy-init"]))
+    assert [p.split("/")[-2] for p in map(str, calls)] == ["lazy-init"]
+
+    # same --out, different budget: refused before any training
+    with pytest.raises(ConfigError, match=r"different settings.*steps"):
+        compare(make_cfg(folder, corpus_file, tmp_path / "cmp", variants=["random"], steps=3))
+
+
+def test_unfinished_variant_resumes_from_its_checkpoint(
+    tiny_folder, corpus_file, tmp_path, monkeypatch
+):
+    from inheritune import train
+
+    folder = tiny_folder("llama", layers=4)
+    train_cfg = {**TRAIN, "save_every": 2}
+
+    def cfg(out):
+        return make_cfg(folder, corpus_file, out, variants=["inheritune"], steps=4, train=train_cfg)
+
+    full = compare(cfg(tmp_path / "full")).rows[0]
+    # finished stages keep their final model but not their (large) checkpoints
+    assert (tmp_path / "full" / "inheritune" / "train" / "final" / "config.json").is_file()
+    assert not (tmp_path / "full" / "inheritune" / "train" / "checkpoints").exists()
+
+    # crash while fetching the batch of step 3, just after the step-2 checkpoint was written
+    real_next = train.WindowSampler.next_starts
+    calls = []
+
+    def crash(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_next(self, batch)
+
+    monkeypatch.setattr(train.WindowSampler, "next_starts", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        compare(cfg(tmp_path / "a"))
+    monkeypatch.setattr(train.WindowSampler, "next_starts", real_next)
+    run = tmp_path / "a" / "inheritune"
+    assert not (run / "result.json").exists()
+    manifest = run / "train" / "checkpoints" / "step-00000002" / "manifest.json"
+    assert manifest.is_file()
+
+    seen = []
+    real = baselines.train_model
+    monkeypatch.setattr(
+        baselines, "train_model", lambda *a, **k: seen.append(a[3].resume) or real(*a, **k)
+    )
+    resumed = compare(cfg(tmp_path / "a")).rows[0]
+    assert seen == [True]
+    assert [e["step"] for e in resumed["evals"]] == [0, 1, 2, 3, 4]
+    # weights, optimizer and data position restored: the same run as the uninterrupted one
+    assert resumed["loss_after"] == pytest.approx(full["loss_after"], abs=1e-5)
+    assert resumed["evals"][1]["val_loss"] == pytest.approx(full["evals"][1]["val_loss"], abs=1e-6)
+
+
+def test_bad_input_is_refused_before_training(tiny_folder, corpus_file, tmp_path, no_training):
+    folder = tiny_folder("llama", layers=4)
+
+    def run(**kw):
+        compare(make_cfg(folder, corpus_file, tmp_path / "bad", **kw))
+
+    with pytest.raises(ConfigError, match=r"unknown variant.*known: inheritune, random"):
+        make_cfg(folder, corpus_file, tmp_path, variants=["inheritune", "distilbert"])
+    with pytest.raises(ConfigError, match="smaller than the reference's 4 layers"):
+        run(depth=4)
+    with pytest.raises(ConfigError, match="stacking: needs an even --depth"):
+        run(depth=3, variants=["inheritune", "stacking"])
+    with pytest.raises(ConfigError, match="kd-every-other: needs reference layers 0,2,4"):
+        run(depth=3, variants=["kd-every-other"])
+    with pytest.raises(ConfigError, match=r"--train may not set \['steps'\]"):
+        make_cfg(folder, corpus_file, tmp_path, train={"steps": 5})
+    with pytest.raises(ConfigError, match="unknown key"):
+        make_cfg(folder, corpus_file, tmp_path, train={"batch": 5})
+    with pytest.raises(ConfigError, match="--kd-alpha"):
+        make_cfg(folder, corpus_file, tmp_path, kd_alpha=0)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_half_width_of_odd_heads(tiny_folder, corpus_file, tmp_path, monkeypatch):
+    # 3 heads (like SmolLM2's 9): half width cannot be built
+    folder = tiny_folder("llama", layers=4, hidden=24, heads=3)
+    with pytest.raises(ConfigError, match=r"half-width: .*num_attention_heads=3"):
+        compare(make_cfg(folder, corpus_file, tmp_path / "x", variants=["half-width"]))
+    # without --variants it is skipped and the report says why
+    monkeypatch.setattr(
+        baselines, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "half-width")}
+    )
+    res = compare(make_cfg(folder, corpus_file, tmp_path / "y", depth=3))
+    assert [r["variant"] for r in res.rows] == ["inheritune"]
+    assert "num_attention_heads=3" in res.skipped["half-width"]
+    assert "half-width" in res.markdown.read_text()
+
+
+def test_odd_default_depth_skips_stacking(tiny_folder, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(baselines, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "hybrid")})
+    folder = tiny_folder("llama", layers=4)
+    res = compare(make_cfg(folder, corpus_file, tmp_path / "z", depth=3))
+    assert [r["variant"] for r in res.rows] == ["inheritune"] and "hybrid" in res.skipped
+
+
+def test_cli(tiny_folder, corpus_file, tmp_path, capsys):
+    folder = tiny_folder("llama", layers=4)
+    assert cli.main(["compare", "--model", str(folder), "--variants", "nope"]) == 2
+    assert "known: inheritune" in capsys.readouterr().err
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"model: {folder}\ndata: {corpus_file}\ndepth: 2\nsteps: 1\ncalib_windows: 2\n"
+        f"calib_seq_len: 16\ntrain: {json.dumps(TRAIN)}\n"
+    )
+    out = tmp_path / "cli"
+    argv = ["compare", "--config", str(cfg_file), "--variants", "inheritune,hybrid"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["variants"]
+    assert [r["variant"] for r in rows] == ["inheritune", "hybrid"]
+    assert (out / "curves.png").is_file() and (out / "config.yaml").is_file()
+    # --train as a flag is a YAML mapping too
+    cfg = cli.build_parser().parse_args(["compare", "--train", "{batch_size: 4}"])
+    assert baselines.CompareConfig(train=cfg.train).train == {"batch_size": 4}
+
+
+def test_helpers():
+    assert baselines.default_depth(30) == 14 and baselines.default_depth(24) == 12
+    assert baselines.default_depth(4) == 2
+    assert (
+        baselines.tokens_to_reach(
+            [{"tokens": 0, "val_loss": 5.0}, {"tokens": 10, "val_loss": 3.0}], 3.5
+        )
+        == 10
+    )
+    assert baselines.tokens_to_reach([{"tokens": 0, "val_loss": 5.0}], 3.5) is None
+    assert baselines._ranges([0, 1, 2, 5]) == "0-2,5"
+    assert baselines._ranges([0, 2, 4, 6, 8]) == "0,2,...,8"
+    assert baselines._ranges([3]) == "3"
+    assert baselines.unbuildable_reason("kd-every-other", 30, 15) is None
+    assert "depth <= 15" in baselines.unbuildable_reason("kd-every-other", 30, 16)
+    assert baselines.unbuildable_reason("random", 30, 15) is None
+
+
+def test_scores_pick_an_identity_layer_for_pruning(tiny_folder, corpus_file, tmp_path):
+    # a reference whose block 1 is the identity: both pruning scores must drop exactly it
+    from conftest import make_tokenizer, tiny_model
+
+    model = tiny_model("llama", layers=4)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    folder = tmp_path / "ident"
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    cfg = make_cfg(
+        folder, corpus_file, tmp_path / "p", depth=3, variants=["prune-bi", "prune-angular"]
+    )
+    res = compare(cfg)
+    assert [r["init"]["dropped"] for r in res.rows] == [[1], [1]]
+    assert np.isclose(
+        json.loads((tmp_path / "p" / "scores.json").read_text())["scores"]["block_influence"][1],
+        0.0,
+        atol=1e-6,
+    )
