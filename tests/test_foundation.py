@@ -18,6 +18,14 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert command in capsys.readouterr().out
+
+
 def test_strip_gutenberg():
     text = "junk header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nbody line\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicense"
     assert assets.strip_gutenberg(text) == "body line\n"

@@ -68,6 +68,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("inheritune.data", "DataError"),
         ("inheritune.arch", "UnsupportedModelError"),
         ("inheritune.assets", "AssetError"),
+        ("inheritune.checkpoint", "CheckpointError"),
+        ("inheritune.train", "TrainingError"),
     ]:
         errors.append(getattr(importlib.import_module(mod), name))
     for mod, name in [
@@ -91,10 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if cmd.config:
-            try:
-                cls = getattr(importlib.import_module(cmd.module), cmd.config)
-            except (ImportError, AttributeError):
-                continue  # a module still being built; its command is simply absent
+            cls = getattr(importlib.import_module(cmd.module), cmd.config)
             p.add_argument(
                 "--config", dest="config_file", default=None, help="YAML file of the same fields"
             )
