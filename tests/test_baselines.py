@@ -307,3 +307,15 @@ def test_scores_pick_an_identity_layer_for_pruning(tiny_folder, corpus_file, tmp
         0.0,
         atol=1e-6,
     )
+
+
+def test_preset_parses_and_builds_at_its_depth():
+    from importlib.resources import files
+
+    from inheritune.config import dataclass_from_dict, load_yaml
+
+    preset = files("inheritune") / "presets" / "compare-demo.yaml"
+    cfg = dataclass_from_dict(CompareConfig, load_yaml(str(preset)))
+    assert cfg.variants is None and cfg.depth == baselines.default_depth(30)
+    # SmolLM2 has 30 layers: every variant but half-width (9 heads) builds at this depth
+    assert all(baselines.unbuildable_reason(n, 30, cfg.depth) is None for n in VARIANTS)

@@ -48,6 +48,7 @@ from inheritune import assets, data, models, surgery
 from inheritune import checkpoint as ckpt
 from inheritune import train as train_mod
 from inheritune.arch import get_arch
+from inheritune.calibrate import calibrate_final_norm
 from inheritune.config import (
     ConfigError,
     check_positive,
@@ -157,6 +158,16 @@ class RecipeConfig:
             "help": "what each inherited block brings (paper ablation)",
             "choices": surgery.PARTS,
         },
+    )
+    calibrate_iters: int = field(
+        default=0,
+        metadata=_h(
+            "L-BFGS iterations fitting the final norm to each new target before training "
+            "(0 = off; see inheritune.calibrate)"
+        ),
+    )
+    calibrate_windows: int = field(
+        default=4, metadata=_h("training windows of --seq-len tokens used by the calibration")
     )
 
     # -- step 5: the comparison
@@ -571,6 +582,17 @@ def _train(model, tokenizer, tokens, tcfg, teacher, desc: str) -> train_mod.Trai
     return result
 
 
+def _calibrate(cfg, model, tokens, round_no: int) -> None:
+    """Fit the final norm of a fresh target on a few training windows (inheritune.calibrate)."""
+    ids = data.sample_windows(tokens.train, cfg.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7)
+    device = next(model.parameters()).device
+    res = calibrate_final_norm(model, torch.from_numpy(ids).to(device), iters=cfg.calibrate_iters)
+    _log(
+        f"round {round_no}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
+        f"nats/token on {cfg.calibrate_windows} training windows ({res['seconds']:.0f} s)"
+    )
+
+
 def _build_round_model(cfg, reference, depth: int, state: RunState, out: Path):
     """Step 3 (and the growth of step 6): the model a round starts from."""
     prev = state.rounds[-1] if state.rounds else None
@@ -654,6 +676,8 @@ def run(cfg: RecipeConfig) -> RecipeResult:
             _log(f"round {round_no}: {depth} layers, {cfg.steps} steps ({cfg.growth})")
             model = _build_round_model(cfg, reference, depth, state, out)
             rdir = _round_dir(out, round_no, depth)
+            if cfg.calibrate_iters > 0 and not (rdir / "checkpoints").exists():
+                _calibrate(cfg, model, tokens, round_no)
             params = models.count_parameters(model)  # before training: FSDP shards in place
             teacher = reference if cfg.distill_alpha > 0 else None
             tcfg = cfg.round_train_config(rdir)
