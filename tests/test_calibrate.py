@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from inheritune import surgery
 from inheritune.arch import get_arch
 from inheritune.calibrate import calibrate_final_norm
