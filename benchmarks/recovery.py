@@ -3,9 +3,10 @@
 A self-contained experiment script (it does not use inheritune.train or inheritune.surgery, which
 are written in parallel): it builds the inherited model itself (embeddings + first K blocks +
 final norm + tied head of ``smollm2-135m``), trains it on the Shakespeare train split for a fixed
-budget of *training* seconds, and evaluates it on a FIXED set of validation windows (the first
-16 x 256 tokens of the validation split) every ``--eval-every`` seconds. Evaluation and model
-loading are not counted as training time; a calibration step and an online teacher forward are.
+budget of *training* seconds, and evaluates it on a FIXED set of validation windows (by default
+the first 8 x 256 tokens of the validation split) every ``--eval-every`` seconds. Evaluation and
+model loading are not counted as training time; a calibration step and an online teacher forward
+are (unless ``teacher_cached``, which simulates a precomputed teacher cache).
 
 Each experiment is a named configuration in :data:`EXPERIMENTS`; one run appends one JSON line
 to ``benchmarks/results/recovery.jsonl`` with the settings, the per-step cost (median and 10th
@@ -14,13 +15,15 @@ when the shared CPU makes wall time noisy) and the loss curve. Usage::
 
     python benchmarks/recovery.py --list
     python benchmarks/recovery.py --exp baseline --seconds 120
-    python benchmarks/recovery.py --exp reference            # the 30-layer model on the same windows
+    python benchmarks/recovery.py --exp reference  # the 30-layer model on the same windows
     python benchmarks/recovery.py --exp fast --layers 17 --seconds 420
-    python benchmarks/recovery.py --report                   # markdown table from the jsonl
+    python benchmarks/recovery.py --report  # markdown table from the jsonl
 
-Training time is charged as process CPU time / threads ("CPU seconds of the 2 cores"), not
-wall time: the 2 cores are shared with other jobs, and CPU time is what one's own computation
-costs whatever else runs (wall seconds are recorded beside it).
+Training time is charged as process CPU time / threads, not wall time: the 2 cores are shared
+with other jobs, and CPU time is what one's own computation costs whatever else runs (wall
+seconds are recorded beside it). The default is 1 thread, which keeps that clock honest (two
+threads under contention burn CPU spin-waiting at barriers); on 2 idle cores the same work takes
+about 1/1.9 of the charged seconds.
 
 The learning-rate schedule is linear warmup over ``warmup`` steps, then cosine from ``lr`` to
 ``lr * min_lr_frac`` over the training-time budget (progress = elapsed training seconds /

@@ -136,6 +136,20 @@ def corpus_file(tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models gain nothing from a second intra-op thread, and on a shared 2-core machine its
+    workers only spin (measured: a tiny recipe run 24 s with 2 threads, 10 s with 1). Tests on
+    the real model (marked slow) keep every thread."""
+    if "slow" in request.keywords:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch, request):
     """Each test gets its own cache, except slow tests that use the real embedded assets."""
     if "slow" not in request.keywords:

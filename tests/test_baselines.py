@@ -40,16 +40,6 @@ def make_cfg(folder, corpus, out, **kw) -> CompareConfig:
     return CompareConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU two intra-op threads
-    spin against other processes: one thread makes these tests ~5x faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if any variant starts training."""

@@ -15,14 +15,6 @@ from inheritune import data
 from inheritune import train as T
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def run(tmp_path, tokenizer):
     """A finished 6-step run with checkpoints at steps 2, 4 and 6."""

@@ -44,16 +44,6 @@ TINY_RUN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine the OpenMP workers
-    of a second thread wait on busy cores (measured: a tiny run 24 s with 2 threads, 10 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny_run(tmp_path, tiny_folder, corpus_file):
     """Factory: a RecipeConfig on a tiny 6-layer Llama; keyword overrides."""

@@ -22,15 +22,6 @@ _OUT_PROJ = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy shared CPU they only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_identity(model, i: int) -> None:
     """Zero the output projections of block i: with a pre-norm residual block it returns its input."""
     arch = get_arch(model)

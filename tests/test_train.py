@@ -28,15 +28,6 @@ from inheritune.config import ConfigError
 SEQ = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tokens(tmp_path, tokenizer):
     p = tmp_path / "corpus.txt"

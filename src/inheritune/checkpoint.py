@@ -21,7 +21,6 @@ Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from inheritune.assets import sha256_file
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -91,21 +92,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, meta: dict[str, Any] | None = None) -> None:
     """Record size + sha256 of every file in ``folder``; called last, after everything else."""
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             _fsync_path(p)
-            files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = {"format": FORMAT_VERSION, **(meta or {}), "files": files}
     path = folder / MANIFEST
     with open(path, "w") as f:
@@ -176,7 +169,7 @@ def verify_checkpoint(folder: str | Path) -> dict[str, Any]:
                 f"checkpoint {folder} is corrupt: {name} has {p.stat().st_size} bytes, "
                 f"the manifest says {info['size']}"
             )
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} fails its sha256")
     return manifest
 

@@ -81,7 +81,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's flags are built (its module imported)."""
     from inheritune import __version__
 
     parser = argparse.ArgumentParser(
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        if cmd.config:
+        if cmd.config and only in (None, name):
             cls = getattr(importlib.import_module(cmd.module), cmd.config)
             p.add_argument(
                 "--config", dest="config_file", default=None, help="YAML file of the same fields"
@@ -112,8 +113,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    # Import only the chosen command's module: the others pull in heavy libraries.
+    only = next((a for a in args if a in COMMANDS), None)
+    ns = build_parser(only).parse_args(args)
     cmd = COMMANDS[ns.command]
     module = importlib.import_module(cmd.module)
     fn = getattr(module, cmd.function)
