@@ -115,3 +115,46 @@ def test_windows_errors(tokenizer, corpus_file):
     w = data.sample_windows(toks.val, 3, 8, seed=0)
     assert w.shape == (3, 8)
     assert (w == data.sample_windows(toks.val, 3, 8, seed=0)).all()
+
+
+def test_hf_datasets_local_files(tmp_path, tokenizer):
+    """Local parquet and json files go through Hugging Face `datasets` (the OpenWebText path)."""
+    pytest.importorskip("datasets")
+    import datasets
+
+    rows = {"text": ["To be, or not to be.", "That is the question."]}
+    pq = tmp_path / "shard.parquet"
+    datasets.Dataset.from_dict(rows).to_parquet(str(pq))
+    js = tmp_path / "shard.json"
+    js.write_text("\n".join(json.dumps({"text": t}) for t in rows["text"]) + "\n")
+    for path in (pq, js):
+        source = data.resolve_data(str(path))
+        assert source.kind == "hf"
+        assert list(data.iter_documents(source)) == rows["text"]
+    toks = data.load_tokens(str(pq), tokenizer)
+    expected = [
+        *tokenizer(rows["text"][0], add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+        *tokenizer(rows["text"][1], add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
+    assert [int(x) for x in toks.ids] == expected
+
+
+def test_gguf_argument_resolves_to_its_folder(tmp_path):
+    f = tmp_path / "model.Q4_1.gguf"
+    f.write_bytes(b"GGUF")
+    src = models.resolve_model(str(f))
+    assert src.gguf_file == "model.Q4_1.gguf" and src.location == str(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_gguf_config_and_cached_default():
+    """The embedded GGUF is found, checksummed and read; the converted default is a plain HF folder."""
+    gguf = assets.smollm2_gguf()
+    cfg = models.load_config(str(gguf))
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30
+    assert cfg.num_key_value_heads == 3 and cfg.vocab_size == 49152
+    folder = assets.ensure_default_model()
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert models.load_config(str(folder)).num_hidden_layers == 30
