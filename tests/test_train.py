@@ -390,3 +390,18 @@ def test_cli_train_bf16(tmp_path, tiny_folder, corpus_file):
     assert cli.main(_cli_args(model, corpus_file, out, steps=2, precision="bf16")) == 0
     res = json.loads((out / "result.json").read_text())
     assert math.isfinite(res["final_val_loss"]) and res["steps"] == 2
+
+
+def test_eval_every_zero_evaluates_at_start_and_end(tmp_path, tokenizer, tokens):
+    cfg = T.TrainConfig(
+        out=str(tmp_path / "run"),
+        steps=3,
+        batch_size=2,
+        seq_len=SEQ,
+        warmup=1,
+        eval_every=0,
+        eval_tokens=32,
+        save_every=0,
+    )
+    res = T.train_model(tiny_model("llama"), tokenizer, tokens, cfg)
+    assert [e["step"] for e in res.evals] == [0, 3]

@@ -859,7 +859,7 @@ def train_model(
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             # 2. evaluation and checkpoint (at the start of the step: state is consistent)
-            due_eval = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            due_eval = step in (0, cfg.steps) or (cfg.eval_every and step % cfg.eval_every == 0)
             if due_eval and not (evals and evals[-1]["step"] == step):
                 evaluate()
             if step >= cfg.steps:
