@@ -427,3 +427,12 @@ def test_run_refuses_a_file_as_out(tmp_path, tiny_run):
     f.write_text("x")
     with pytest.raises(ConfigError, match="not a folder"):
         recipe.run(tiny_run(out=str(f)))
+
+
+def test_calibration_runs_before_each_round_and_is_reported(tiny_run):
+    res = recipe.run(tiny_run(calibrate_iters=3, calibrate_windows=2, max_rounds=2, min_rounds=2))
+    rounds = json.loads((Path(res.out) / "report.json").read_text())["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        cal = r["calibration"]
+        assert cal["after"] <= cal["before"]

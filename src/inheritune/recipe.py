@@ -582,7 +582,7 @@ def _train(model, tokenizer, tokens, tcfg, teacher, desc: str) -> train_mod.Trai
     return result
 
 
-def _calibrate(cfg, model, tokens, round_no: int) -> None:
+def _calibrate(cfg, model, tokens, round_no: int) -> dict[str, float]:
     """Fit the final norm of a fresh target on a few training windows (inheritune.calibrate)."""
     ids = data.sample_windows(tokens.train, cfg.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7)
     device = next(model.parameters()).device
@@ -591,6 +591,7 @@ def _calibrate(cfg, model, tokens, round_no: int) -> None:
         f"round {round_no}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
         f"nats/token on {cfg.calibrate_windows} training windows ({res['seconds']:.0f} s)"
     )
+    return {k: round(v, 4) for k, v in res.items()}
 
 
 def _build_round_model(cfg, reference, depth: int, state: RunState, out: Path):
@@ -676,8 +677,9 @@ def run(cfg: RecipeConfig) -> RecipeResult:
             _log(f"round {round_no}: {depth} layers, {cfg.steps} steps ({cfg.growth})")
             model = _build_round_model(cfg, reference, depth, state, out)
             rdir = _round_dir(out, round_no, depth)
+            calibration = None
             if cfg.calibrate_iters > 0 and not (rdir / "checkpoints").exists():
-                _calibrate(cfg, model, tokens, round_no)
+                calibration = _calibrate(cfg, model, tokens, round_no)
             params = models.count_parameters(model)  # before training: FSDP shards in place
             teacher = reference if cfg.distill_alpha > 0 else None
             tcfg = cfg.round_train_config(rdir)
@@ -690,6 +692,8 @@ def run(cfg: RecipeConfig) -> RecipeResult:
                 "parameters": params,
                 **_eval_record(result, out),
             }
+            if calibration is not None:
+                done["calibration"] = calibration
             done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
             state.rounds.append(done)
             state.save()
