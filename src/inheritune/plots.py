@@ -34,8 +34,10 @@ def plot_curves(
 ) -> Path:
     """One line per named (x, y) series, with an optional horizontal reference line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (xs, ys) in curves.items():
-        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+    styles = ("-", "--", ":", "-.")  # the colour cycle has 10 colours; tell curve 11 from curve 1
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        style = styles[(i // 10) % len(styles)]
+        ax.plot(list(xs), list(ys), marker="o", markersize=3, linestyle=style, label=name)
     if reference is not None:
         ax.axhline(
             reference,
