@@ -15,7 +15,6 @@ prepares both ahead of time; otherwise they are prepared on first use.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -23,10 +22,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from inheritune.checkpoint import sha256_file, write_folder_atomically
 
 CACHE_ENV = "INHERITUNE_CACHE"
 
@@ -76,14 +76,6 @@ def cache_dir() -> Path:
     return path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str) -> None:
     got = sha256_file(path)
     if got != expected:
@@ -113,19 +105,13 @@ def _download(asset: PackageAsset) -> Path:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a folder in a temporary sibling, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    """Build a folder with :func:`checkpoint.write_folder_atomically`, marked complete last."""
+
+    def populate(tmp: Path) -> None:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return write_folder_atomically(final, populate)
 
 
 def smollm2_gguf() -> Path:

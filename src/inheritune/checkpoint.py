@@ -21,6 +21,7 @@ Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,8 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-from inheritune.assets import sha256_file
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -59,6 +58,15 @@ def step_name(step: int) -> str:
 
 
 # ----------------------------------------------------------------------------- atomic file ops
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
