@@ -18,6 +18,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt")
+# Every family inheritune is tested on (inheritune.arch.SUPPORTED, the README's list): ARCHS plus
+# families found by inheritune.arch.discover_layout. tiny_config builds each one.
+FAMILIES = (
+    *ARCHS,
+    *("qwen3", "gemma2", "gemma3", "phi3", "falcon", "gptj", "bloom", "stablelm"),
+)
 VOCAB = 320  # 256 byte symbols + 3 specials + merges
 
 CORPUS_TEXT = (
@@ -74,6 +80,45 @@ def tiny_config(arch: str, layers: int = 4, hidden: int = 32, heads: int = 4, vo
             word_embed_proj_dim=hidden,
             **common,
         )
+    return _tiny_config_more(arch, layers, hidden, heads, common)
+
+
+def _tiny_config_more(arch: str, layers: int, hidden: int, heads: int, common: dict):
+    """The families beyond ARCHS. Gemma uses a 4-token sliding window so that the per-layer
+    sliding/full pattern shows in the logits; GPT-J and Phi-3 keep an untied head."""
+    import transformers as tf
+
+    llama_like = {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 256,
+        **common,
+    }
+    if arch == "qwen3":
+        return tf.Qwen3Config(head_dim=hidden // heads, tie_word_embeddings=True, **llama_like)
+    if arch in ("gemma2", "gemma3"):
+        cls = tf.Gemma2Config if arch == "gemma2" else tf.Gemma3TextConfig
+        types = ["sliding_attention", "full_attention"] * layers
+        return cls(
+            head_dim=hidden // heads, sliding_window=4, layer_types=types[:layers], **llama_like
+        )
+    if arch == "phi3":
+        return tf.Phi3Config(tie_word_embeddings=False, **llama_like)
+    if arch == "stablelm":
+        return tf.StableLmConfig(tie_word_embeddings=True, **llama_like)
+    if arch == "falcon":
+        return tf.FalconConfig(
+            num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, **common
+        )
+    if arch == "gptj":
+        return tf.GPTJConfig(
+            n_layer=layers, n_embd=hidden, n_head=heads, rotary_dim=4, n_positions=256, **common
+        )
+    if arch == "bloom":
+        return tf.BloomConfig(n_layer=layers, hidden_size=hidden, n_head=heads, **common)
     raise ValueError(arch)
 
 

@@ -119,6 +119,61 @@ def test_result_derived_fields():
     assert "1 + 0.05" in d["rules"]["lazy_layer"]
 
 
+def test_rank_of_mean_agrees_with_independent_computation(tmp_path):
+    model = sharpened("llama", layers=2)
+    ids = np.random.default_rng(2).integers(3, 320, size=(5, 16))
+    cfg = AnalyzeConfig(batch_size=2, rank_of_mean=True)  # 3 batches: sums across them
+    result = run_analysis(model, ids, cfg, progress=False)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), output_attentions=True, use_cache=False)
+    want = np.zeros((2, 4))
+    for layer in range(2):
+        mean = out.attentions[layer].double().numpy().mean(0)  # (H, T, T) mean over windows
+        s2 = np.linalg.svd(mean, compute_uv=False) ** 2  # (H, T)
+        want[layer] = (np.cumsum(s2, -1) / s2.sum(-1, keepdims=True) < TAU - 1e-9).sum(-1) + 1
+    np.testing.assert_array_equal(result.rank_of_mean, want)
+    assert not np.allclose(result.rank_of_mean, result.rank)  # a different number here
+    d = result.to_dict()
+    assert d["layers"][1]["rank_of_mean_per_head"] == want[1].tolist()
+    assert d["layers"][1]["max_rank_of_mean"] == want[1].max()
+    assert d["layers"][1]["rank_per_head"] == result.rank[1].tolist()  # the paper's stays as is
+    assert "mean over the windows of A" in d["definitions"]["rank_of_mean"]
+    assert analyze.AnalysisResult.from_dict(d).to_dict() == d
+    paths = analyze.write_report(result, tmp_path / "r")
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank_of_mean"]) for r in rows[4:8]] == want[1].tolist()
+    assert "MaxRankOfMean" in paths["summary"].read_text()
+    # off by default: no such numbers, and the definitions say so
+    plain = run_analysis(model, ids, AnalyzeConfig(batch_size=2), progress=False).to_dict()
+    assert "rank_of_mean_per_head" not in plain["layers"][0]
+    assert plain["definitions"]["rank_of_mean"].startswith("not computed")
+    np.testing.assert_array_equal(
+        [layer["rank_per_head"] for layer in plain["layers"]], result.rank
+    )
+
+
+def test_report_states_definitions_and_numbering():
+    result = analyze.AnalysisResult(
+        model="m",
+        input_ids=np.zeros((2, 5), dtype=np.int64),
+        rank=np.ones((2, 3)),
+        mass=np.ones((2, 3)),
+        top_share=np.ones((2, 3)),
+        rank1_frac=np.ones((2, 3)),
+        tau=0.8,
+        eta=0.95,
+    )
+    d = result.to_dict()
+    assert d["layer_numbering"] == "0-based (paper plots number from 1)"
+    defs = d["definitions"]
+    assert defs["tau"] == 0.8 and defs["eta"] == 0.95
+    assert "squared singular values" in defs["spectral_energy"]
+    assert "mean over the windows of k*" in defs["rank"]
+    assert "squared column norms" in defs["mass"]
+    assert "numbered from 0" in analyze.summary_table(result)
+
+
 # ---- the command -------------------------------------------------------------------------
 
 
@@ -173,7 +228,16 @@ def test_help_lists_flags(capsys):
         cli.main(["analyze", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for name in ("--num-seqs", "--seq-len", "--tau", "--eta", "--seed", "--out", "--lazy-tol"):
+    for name in (
+        "--num-seqs",
+        "--seq-len",
+        "--tau",
+        "--eta",
+        "--seed",
+        "--out",
+        "--lazy-tol",
+        "--rank-of-mean",
+    ):
         assert name in text
 
 

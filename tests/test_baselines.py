@@ -11,8 +11,8 @@ import torch
 from inheritune import baselines, cli, models, scoring, surgery
 from inheritune.baselines import VARIANTS, CompareConfig, compare
 from inheritune.config import ConfigError
-from inheritune.data import load_tokens
-from inheritune.train import eval_windows, evaluate_loss
+from inheritune.data import eval_windows, load_tokens
+from inheritune.losses import evaluate_loss
 
 TRAIN = {
     "batch_size": 2,
@@ -87,7 +87,7 @@ def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsy
     assert t == 2 * 2 * 16  # steps x batch x seq_len
     for name, r in rows.items():
         assert r["tokens"] == (2 * t if name in ("random-2x", "stacking") else t), name
-        assert r["layers"] == (4 if name == "half-width" else 2), name
+        assert r["layers"] == (4 if name in ("half-width", "scratch-full") else 2), name
         assert r["evals"][0]["step"] == 0 and r["evals"][-1]["tokens"] == r["tokens"]
         assert r["loss_after"] == r["evals"][-1]["val_loss"]
         assert r["tokens_to_reference"] == baselines.tokens_to_reach(r["evals"], res.reference_loss)
@@ -111,6 +111,20 @@ def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsy
         scores["angular_distance"], 2
     )
     assert len(scores["max_rank"]) == 4 and len(rows["prune-lazy"]["init"]["dropped"]) == 2
+    # keep-last: layers 0..l-2 and the final one
+    assert rows["prune-keep-last"]["init"]["layers_from"] == [0, 3]
+    assert rows["prune-keep-last"]["init"]["dropped"] == [1, 2]
+    keep_last = surgery.select_layers(ref, [0, 3])
+    assert rows["prune-keep-last"]["loss_before"] == pytest.approx(
+        evaluate_loss(keep_last, windows, 2), abs=1e-5
+    )
+    # scratch-full: the reference's architecture, all 4 layers, random init, T steps
+    scratch = surgery.random_init(ref.config, 4, seed=0)
+    assert rows["scratch-full"]["parameters"] == summary["reference"]["parameters"]
+    assert rows["scratch-full"]["loss_before"] == pytest.approx(
+        evaluate_loss(scratch, windows, 2), abs=1e-5
+    )
+    assert summary["layer_numbering"] == "0-based (paper plots number from 1)"
     for name in ("prune-bi", "prune-angular", "prune-lazy"):
         init = rows[name]["init"]
         assert sorted(init["dropped"] + init["layers_from"]) == [0, 1, 2, 3]
@@ -309,3 +323,60 @@ def test_preset_parses_and_builds_at_its_depth():
     assert cfg.variants is None and cfg.depth == baselines.default_depth(30)
     # SmolLM2 has 30 layers: every variant but half-width (9 heads) builds at this depth
     assert all(baselines.unbuildable_reason(n, 30, cfg.depth) is None for n in VARIANTS)
+
+
+def test_angular_tokens_and_mergekit_export(tiny_folder, corpus_file, tmp_path):
+    import yaml
+
+    from inheritune import mergekit
+    from inheritune.data import sample_windows
+
+    folder = tiny_folder("llama", layers=4)
+    mk = tmp_path / "mk" / "sel.yaml"
+    names = ["inheritune", "random", "hybrid", "prune-angular", "prune-keep-last"]
+    cfg = make_cfg(
+        folder, corpus_file, tmp_path / "a", steps=1, variants=names, export_mergekit=str(mk)
+    )
+    res = compare(cfg)
+    rows = {r["variant"]: r for r in res.rows}
+    summary = json.loads(res.json.read_text())
+    # every selection built from reference layers round-trips through its mergekit file
+    for name in ("inheritune", "hybrid", "prune-angular", "prune-keep-last"):
+        text = mergekit.variant_path(mk, name).read_text()
+        assert (
+            mergekit.layers_from_slices(yaml.safe_load(text)) == rows[name]["init"]["layers_from"]
+        )
+        assert "random: random init" in text  # the skipped variant is named in the comment
+        assert summary["mergekit"]["written"][name] == str(mergekit.variant_path(mk, name))
+    assert not mergekit.variant_path(mk, "random").exists()
+    assert summary["mergekit"]["not_exported"] == {"random": "random init: no reference layers"}
+
+    # prune-angular's scores are Gromov et al.'s: the last token of each calibration window
+    ref = models.load_model(str(folder))
+    tokens = load_tokens(str(corpus_file), models.load_tokenizer(str(folder)))
+    windows = sample_windows(tokens.train, 4, 16, 0)
+    stored = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert stored["spec"]["angular_tokens"] == "last"
+    last = scoring.angular_distances(ref, windows, 2, tokens="last")
+    np.testing.assert_allclose(stored["scores"]["angular_distance"], last, rtol=1e-6)
+    assert rows["prune-angular"]["init"]["dropped"] == scoring.best_block_drop(last, 2)
+    # switching to all tokens in the same --out is refused for prune-angular ...
+    with pytest.raises(ConfigError, match=r"different settings.*calibration"):
+        compare(make_cfg(folder, corpus_file, tmp_path / "a", steps=1, angular_tokens="all"))
+    # ... and in a fresh one it scores every token
+    compare(
+        make_cfg(
+            folder,
+            corpus_file,
+            tmp_path / "b",
+            steps=1,
+            variants=["prune-angular"],
+            angular_tokens="all",
+        )
+    )
+    stored = json.loads((tmp_path / "b" / "scores.json").read_text())
+    every = scoring.angular_distances(ref, windows, 2, tokens="all")
+    np.testing.assert_allclose(stored["scores"]["angular_distance"], every, rtol=1e-6)
+    assert not np.allclose(every, last)
+    with pytest.raises(ConfigError, match="--angular-tokens must be one of last, all"):
+        make_cfg(folder, corpus_file, tmp_path, angular_tokens="first")

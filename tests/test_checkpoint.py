@@ -11,7 +11,7 @@ import torch
 
 from conftest import CORPUS_TEXT, tiny_model
 from inheritune import checkpoint as ckpt
-from inheritune import data
+from inheritune import data, optim
 from inheritune import train as T
 
 
@@ -130,10 +130,10 @@ def test_prune_keeps_last_n_and_latest(tmp_path):
 def test_optimizer_and_rng_round_trip(tmp_path):
     model = tiny_model("llama")
     cfg = T.TrainConfig()
-    opt = T.make_optimizer(model, cfg, fsdp=False)
+    opt = optim.make_optimizer(model, cfg, fsdp=False)
     model(torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
     opt.step()
-    sd = T.optimizer_state(model, opt, fsdp=False)
+    sd = ckpt.optimizer_state(model, opt, fsdp=False)
     assert "model.embed_tokens.weight" in sd["state"]
     random.seed(1)
     np.random.seed(2)
@@ -147,8 +147,8 @@ def test_optimizer_and_rng_round_trip(tmp_path):
     ckpt.set_rng_state(rt, rs)
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(1), expected[2])
-    opt2 = T.make_optimizer(model, cfg, fsdp=False)
-    T.load_optimizer_state(model, opt2, opt_sd, fsdp=False)
+    opt2 = optim.make_optimizer(model, cfg, fsdp=False)
+    ckpt.load_optimizer_state(model, opt2, opt_sd, fsdp=False)
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for i, st in a["state"].items():

@@ -148,3 +148,23 @@ def test_suggest_depth():
     # Everything lazy: clamp to at least one layer.
     assert metrics.suggest_depth([(0, 9)], 10)[0] == 1
     assert metrics.suggest_depth([], 1)[0] == 1
+
+
+def test_rank_of_mean_by_hand():
+    # Two causal 2 x 2 attention matrices: a sink (rank 1) and the identity (two equal singular
+    # values, so k*(tau) = 2 for any tau > 1/2). Their mean M = [[1, 0], [1/2, 1/2]] has
+    # M^T M = [[5/4, 1/4], [1/4, 1/4]]: trace 3/2, determinant 1/4, so s_1^2 = (3 + sqrt 5) / 4
+    # and the top share is (3 + sqrt 5) / 6 = 0.873: k* of the mean is 2 at tau 0.9, 1 at 0.85.
+    a = torch.stack([sink(2), torch.eye(2)])  # (N=2, T, T)
+    top_share = (3 + math.sqrt(5)) / 6
+    s2 = np.linalg.svd(a.mean(0).double().numpy(), compute_uv=False) ** 2
+    assert s2[0] / s2.sum() == pytest.approx(top_share)  # the hand algebra is right
+    assert 0.85 < top_share < 0.9
+    for tau, want in [(0.9, 2), (0.85, 1)]:
+        means = HeadMeans(num_layers=1)
+        for part in (a[:1], a[1:]):  # one window per batch, as two forward passes would give
+            part = part.unsqueeze(1)  # (B=1, H=1, T, T)
+            means.add(0, metrics.head_stats(part, tau, 0.9))
+            means.add_matrices(0, part)
+        assert means.rank_of_mean(tau).tolist() == [[want]]
+        assert means.mean("rank")[0, 0] == pytest.approx(1.5)  # the paper's Rank: (1 + 2) / 2

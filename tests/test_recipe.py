@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from inheritune import cli, models, recipe, report, surgery
+from inheritune import cli, losses, models, optim, recipe, report, surgery
 from inheritune import train as train_mod
-from inheritune.config import ConfigError, load_yaml
+from inheritune.config import ConfigError, build, flag_fields, load_yaml, to_dict
 from inheritune.recipe import RecipeConfig
 
 TINY_RUN = {
@@ -51,7 +51,7 @@ def tiny_run(tmp_path, tiny_folder, corpus_file):
 
     def make(**kw) -> RecipeConfig:
         values = {"model": str(model), "data": str(corpus_file), "out": str(tmp_path / "run")}
-        return RecipeConfig(**{**values, **TINY_RUN, **kw})
+        return build(RecipeConfig, **{**values, **TINY_RUN, **kw})
 
     return make
 
@@ -65,7 +65,7 @@ def _spy_training(monkeypatch) -> list[train_mod.TrainConfig]:
         calls.append(cfg)
         return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
 
-    monkeypatch.setattr(train_mod, "train_model", spy)
+    monkeypatch.setattr(recipe, "train_model", spy)
     return calls
 
 
@@ -101,7 +101,7 @@ def test_matches_uses_tolerance_and_rejects_nan():
 
 
 def test_next_step_schedule():
-    cfg = RecipeConfig(grow_by=2, max_rounds=4, min_rounds=1, steps=1)
+    cfg = build(RecipeConfig, grow_by=2, max_rounds=4, min_rounds=1, steps=1)
     assert recipe.next_step(1, 15, False, cfg, 29) == (17, "")
     assert recipe.next_step(1, 15, True, cfg, 29)[0] is None
     assert "matched" in recipe.next_step(1, 15, True, cfg, 29)[1]
@@ -114,24 +114,24 @@ def test_next_step_schedule():
 
 def test_config_validation_names_the_flag():
     with pytest.raises(ConfigError, match="--init-depth"):
-        RecipeConfig(init_depth="abc")
+        build(RecipeConfig, init_depth="abc")
     with pytest.raises(ConfigError, match="--init-depth"):
-        RecipeConfig(init_depth="0")
+        build(RecipeConfig, init_depth="0")
     with pytest.raises(ConfigError, match="--growth"):
-        RecipeConfig(growth="sideways")
+        build(RecipeConfig, growth="sideways")
     with pytest.raises(ConfigError, match="--target"):
-        RecipeConfig(target="best")
+        build(RecipeConfig, target="best")
     with pytest.raises(ConfigError, match="--min-rounds 3 exceeds --max-rounds 2"):
-        RecipeConfig(min_rounds=3, max_rounds=2)
+        build(RecipeConfig, min_rounds=3, max_rounds=2)
     with pytest.raises(ConfigError, match="--tolerance"):
-        RecipeConfig(tolerance=-0.1)
+        build(RecipeConfig, tolerance=-0.1)
     with pytest.raises(ConfigError, match="needs the analysis"):
-        RecipeConfig(init_depth="analysis", analysis=False)
+        build(RecipeConfig, init_depth="analysis", analysis=False)
     # Training settings are checked by TrainConfig itself, with its flag names.
     with pytest.raises(ConfigError, match="--batch-size 6 must be a multiple of --grad-accum 4"):
-        RecipeConfig(batch_size=6, grad_accum=4)
+        build(RecipeConfig, batch_size=6, grad_accum=4)
     with pytest.raises(ConfigError, match="--precision"):
-        RecipeConfig(precision="fp8")
+        build(RecipeConfig, precision="fp8")
 
 
 def test_run_help(capsys):
@@ -143,14 +143,14 @@ def test_run_help(capsys):
         assert name in out
 
 
-def test_training_settings_mirror_train_config():
-    """Every TrainConfig field is a recipe setting of the same name, or set by the recipe."""
-    recipe_fields = {f.name: f for f in dataclasses.fields(RecipeConfig)}
-    for f in dataclasses.fields(train_mod.TrainConfig):
-        if f.name in recipe.SET_BY_RECIPE:
-            continue
-        assert f.name in recipe_fields, f"RecipeConfig lacks TrainConfig's {f.name}"
-    cfg = RecipeConfig(lr=1e-3, freeze=["embed"], distill_alpha=0.4, grad_accum=2, steps=7)
+def test_training_settings_compose_train_config():
+    """The recipe holds one TrainConfig (no field declared twice) and its flags are train's."""
+    own = {f.name for f in dataclasses.fields(RecipeConfig)}
+    train_names = {f.name for f in dataclasses.fields(train_mod.TrainConfig)}
+    assert own & train_names == set()
+    flags = set(flag_fields(RecipeConfig))
+    assert train_names - flags == {"resume", "teacher"}  # the recipe sets these per round
+    cfg = build(RecipeConfig, lr=1e-3, freeze=["embed"], distill_alpha=0.4, grad_accum=2, steps=7)
     tcfg = cfg.round_train_config(Path("/nonexistent/round"))
     assert (tcfg.lr, tcfg.freeze, tcfg.distill_alpha, tcfg.grad_accum, tcfg.steps) == (
         1e-3,
@@ -192,7 +192,7 @@ def test_run_end_to_end_via_cli(tmp_path, tiny_run, capsys):
     """Two rounds (2 -> 4 layers) through the CLI: YAML + flag overrides, every output checked."""
     cfg = tiny_run()
     preset = tmp_path / "preset.yaml"
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+    values = to_dict(cfg)  # a `train:` section; --out below overrides its out
     values["lr"] = 0.5  # overridden by the flag below
     preset.write_text(yaml.safe_dump(values))
     out = tmp_path / "cli-run"
@@ -200,18 +200,20 @@ def test_run_end_to_end_via_cli(tmp_path, tiny_run, capsys):
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
 
     rep = json.loads((out / "report.json").read_text())
-    assert load_yaml(out / "config.yaml")["lr"] == 0.01
+    assert load_yaml(out / "config.yaml")["train"]["lr"] == 0.01
     assert [r["layers"] for r in rep["rounds"]] == [2, 4]
     assert rep["growth"] == "reinit" and rep["target"]["tolerance"] == 0.0
 
     # The reference's loss is the reference's, on the same fixed windows as the rounds'.
-    ref = models.load_model(cfg.model)
-    tok = models.load_tokenizer(cfg.model)
+    ref = models.load_model(cfg.train.model)
+    tok = models.load_tokenizer(cfg.train.model)
     from inheritune import data
 
-    windows = train_mod.eval_windows(data.load_tokens(cfg.data, tok), cfg.seq_len, cfg.eval_tokens)
+    windows = data.eval_windows(
+        data.load_tokens(cfg.train.data, tok), cfg.train.seq_len, cfg.train.eval_tokens
+    )
     assert rep["reference"]["val_loss"] == pytest.approx(
-        train_mod.evaluate_loss(ref, windows, batch_size=cfg.batch_size), abs=1e-5
+        losses.evaluate_loss(ref, windows, batch_size=cfg.train.batch_size), abs=1e-5
     )
     assert rep["target"]["eval_windows"] == len(windows)
     ref_params = models.count_parameters(ref)
@@ -221,8 +223,8 @@ def test_run_end_to_end_via_cli(tmp_path, tiny_run, capsys):
     for r in rep["rounds"]:
         result = json.loads((out / Path(r["model_dir"]).parent / "result.json").read_text())
         assert r["val_loss"] == pytest.approx(result["final_val_loss"])
-        assert r["tokens"] == cfg.steps * cfg.batch_size * cfg.seq_len
-        assert r["evals"][0]["step"] == 0 and r["evals"][-1]["step"] == cfg.steps
+        assert r["tokens"] == cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+        assert r["evals"][0]["step"] == 0 and r["evals"][-1]["step"] == cfg.train.steps
         assert r["matched"] == (r["val_loss"] <= rep["target"]["val_loss"])
         assert r["parameters"] == models.count_parameters(surgery.first_layers(ref, r["layers"]))
 
@@ -282,11 +284,11 @@ def test_warm_growth_starts_round_two_from_round_one(tiny_run, monkeypatch):
         starts.append({k: v.clone() for k, v in model.state_dict().items()})
         return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
 
-    monkeypatch.setattr(train_mod, "train_model", spy)
+    monkeypatch.setattr(recipe, "train_model", spy)
     res = recipe.run(tiny_run(growth="warm"))
     assert res.report["growth"] == "warm"
     round1 = models.load_model(str(res.out / res.report["rounds"][0]["model_dir"])).state_dict()
-    ref = models.load_model(tiny_run().model).state_dict()
+    ref = models.load_model(tiny_run().train.model).state_dict()
     second = starts[1]
     for key, value in second.items():
         expected = round1.get(key, ref[key])  # trained layers 0-1; reference layers 2-3
@@ -302,7 +304,7 @@ def test_distillation_uses_the_reference_as_teacher(tiny_run, monkeypatch):
         teachers.append(teacher)
         return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
 
-    monkeypatch.setattr(train_mod, "train_model", spy)
+    monkeypatch.setattr(recipe, "train_model", spy)
     recipe.run(tiny_run(distill_alpha=0.4, min_rounds=1, max_rounds=1))
     assert len(teachers) == 1 and teachers[0] is not None
     assert teachers[0].config.num_hidden_layers == 6
@@ -323,7 +325,7 @@ def test_interrupted_round_resumes_where_it_stopped(tmp_path, tiny_run, monkeypa
     checkpoint, ending exactly where an uninterrupted run ends."""
     clean = recipe.run(tiny_run(out=str(tmp_path / "clean")))
     calls = _spy_training(monkeypatch)
-    real_lr_at = train_mod.lr_at
+    real_lr_at = optim.lr_at
     fired = []
 
     def lr_at(step, cfg):
@@ -332,7 +334,7 @@ def test_interrupted_round_resumes_where_it_stopped(tmp_path, tiny_run, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: checkpoint, then stop
         return real_lr_at(step, cfg)
 
-    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+    monkeypatch.setattr(optim, "lr_at", lr_at)
     cfg = tiny_run(out=str(tmp_path / "killed"))
     with pytest.raises(SystemExit) as e:
         recipe.run(cfg)
@@ -360,7 +362,7 @@ def test_killed_process_resumes(tmp_path, tiny_run, monkeypatch):
     monkeypatch.setenv("INHERITUNE_CACHE", str(cache))
     cfg = tiny_run(steps=40, eval_every=0, save_every=5)  # long enough to be killed mid-round
     preset = tmp_path / "run.yaml"
-    preset.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    preset.write_text(yaml.safe_dump(to_dict(cfg)))
     env = {**os.environ, "INHERITUNE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "inheritune", "run", "--config", str(preset)],
@@ -368,7 +370,7 @@ def test_killed_process_resumes(tmp_path, tiny_run, monkeypatch):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ckpts = Path(cfg.out) / "rounds" / "round-02-L4" / "checkpoints"
+    ckpts = Path(cfg.train.out) / "rounds" / "round-02-L4" / "checkpoints"
     deadline = time.time() + 240
     try:
         while not list(ckpts.glob("step-*")):
@@ -382,10 +384,10 @@ def test_killed_process_resumes(tmp_path, tiny_run, monkeypatch):
     assert 0 < killed_at < 40
 
     calls = _spy_training(monkeypatch)
-    res = recipe.run(dataclasses.replace(cfg, save_every=0))  # finish fast: no more checkpoints
+    res = recipe.run(build(RecipeConfig, **{**to_dict(cfg), "save_every": 0}))  # finish fast: no more checkpoints
     assert len(calls) == 1 and calls[0].out.endswith("round-02-L4") and calls[0].resume
     assert [r["steps"] for r in res.report["rounds"]] == [40, 40]
-    log = (Path(cfg.out) / "rounds" / "round-02-L4" / "log.jsonl").read_text()
+    log = (Path(cfg.train.out) / "rounds" / "round-02-L4" / "log.jsonl").read_text()
     steps = [json.loads(x)["step"] for x in log.splitlines() if '"train"' in x]
     assert steps[-1] == 40 and steps == sorted(set(steps))  # resumed, no step logged twice
 
@@ -401,12 +403,12 @@ def test_measure_speed_counts_tokens_and_restores_mode():
     model.register_forward_hook(
         lambda m, a, k, o: calls.append(k["input_ids"].shape), with_kwargs=True
     )
-    s = report.measure_speed(model, 3, 8, warmup=2, iters=3)
+    s = report.measure_speeds({"m": model}, 3, 8, warmup=2, iters=3)["m"]
     assert calls == [(3, 8)] * 5
     assert s["tokens_per_s"] == pytest.approx(24 / s["median_s"])
     assert model.training
     with pytest.raises(ValueError):
-        report.measure_speed(model, 0, 8)
+        report.measure_speeds({"m": model}, 0, 8)
 
 
 def test_measure_speeds_interleaves_models():

@@ -112,3 +112,77 @@ def test_scores_do_not_change_the_model_mode():
     model = tiny_model("llama", layers=2).train()
     scoring.block_influence(model, ids(1, 4)[0])  # a 1-D window is one sequence
     assert model.training
+
+
+def hand_states() -> list[torch.Tensor]:
+    """Three states (L = 2 blocks) of 2 sequences x 2 tokens of 2-d vectors at known angles.
+
+    Angles from (1, 0), and lengths that must not matter:
+      state 0: every token at 0 deg
+      state 1: seq 0 at 0, 90 deg; seq 1 at 60, 0 deg
+      state 2: seq 0 at 180, 90 deg; seq 1 at 60, 0 deg
+    """
+    r3 = math.sqrt(3)
+    s0 = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [1.0, 0.0]]])
+    s1 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, r3 / 2], [3.0, 0.0]]])
+    s2 = torch.tensor([[[-2.0, 0.0], [0.0, 5.0]], [[1.0, r3], [1.0, 0.0]]])
+    return [s0, s1, s2]  # (N=2, T=2, D=2) each
+
+
+def test_block_influence_by_hand():
+    # block 0: cosines 1, 0, 1/2, 1 -> 1 - 2.5/4; block 1: cosines -1, 1, 1, 1 -> 1 - 2/4
+    np.testing.assert_allclose(scoring.block_influence_from_states(hand_states()), [0.375, 0.5])
+    assert scoring.lowest_bi_drop([0.375, 0.5], 1) == [0]
+
+
+def test_angular_distance_last_token_by_hand():
+    # last tokens: state 0 at 0, 0; state 1 at 90, 0; state 2 at 90, 0 (degrees, seq 0 and 1)
+    d1 = scoring.angular_distances_from_states(hand_states(), 1)  # default: last token
+    np.testing.assert_allclose(d1, [(0.5 + 0.0) / 2, (0.0 + 0.0) / 2], atol=1e-12)
+    d2 = scoring.angular_distances_from_states(hand_states(), 2, tokens="last")
+    np.testing.assert_allclose(d2, [(0.5 + 0.0) / 2])
+    assert scoring.best_block_drop(d1, 1) == [1]
+
+
+def test_angular_distance_all_tokens_by_hand():
+    # state 0 -> 1: angles 0, 90, 60, 0 deg = 0, 1/2, 1/3, 0 of pi
+    # state 1 -> 2: 180, 0, 0, 0 deg = 1, 0, 0, 0;  state 0 -> 2: 180, 90, 60, 0 deg
+    d1 = scoring.angular_distances_from_states(hand_states(), 1, tokens="all")
+    np.testing.assert_allclose(d1, [(0.5 + 1 / 3) / 4, 1 / 4])
+    d2 = scoring.angular_distances_from_states(hand_states(), 2, tokens="all")
+    np.testing.assert_allclose(d2, [(1 + 0.5 + 1 / 3) / 4])
+    # the two definitions disagree here: all tokens drops block 0, the last token block 1
+    assert scoring.best_block_drop(d1, 1) == [0]
+    with pytest.raises(ConfigError, match="--angular-tokens must be one of last, all"):
+        scoring.angular_distances_from_states(hand_states(), 1, tokens="first")
+    with pytest.raises(ConfigError, match="span n"):
+        scoring.angular_distances_from_states(hand_states(), 3)
+
+
+def test_model_scores_are_the_state_scores():
+    model = tiny_model("llama", layers=3)
+    x = ids()
+    states = scoring.block_states(model, x)
+    np.testing.assert_array_equal(
+        scoring.block_influence(model, x), scoring.block_influence_from_states(states)
+    )
+    for tokens in ("last", "all"):
+        np.testing.assert_array_equal(
+            scoring.angular_distances(model, x, 2, tokens=tokens),
+            scoring.angular_distances_from_states(states, 2, tokens),
+        )
+    last = scoring.angular_distances(model, x, 1)
+    # the default reads only the last position: changing an earlier token's state leaves it
+    assert not np.allclose(last, scoring.angular_distances(model, x, 1, tokens="all"))
+    states[1][:, 0] = -states[1][:, 0]
+    np.testing.assert_array_equal(scoring.angular_distances_from_states(states, 1), last)
+
+
+def test_keep_last_drop():
+    # L = 6, keep 4: layers 0, 1, 2 and the final layer 5; drop 3, 4
+    assert scoring.keep_last_drop(6, 2) == [3, 4]
+    assert scoring.keep_last_drop(4, 2) == [1, 2]  # keeps 0 and 3
+    assert scoring.keep_last_drop(4, 3) == [0, 1, 2]  # depth 1: only the last layer stays
+    assert scoring.keep_last_drop(4, 0) == []
+    with pytest.raises(ConfigError, match="cannot drop 4 of 4"):
+        scoring.keep_last_drop(4, 4)

@@ -21,7 +21,7 @@ import torch
 
 from conftest import CORPUS_TEXT, make_tokenizer, tiny_model
 from inheritune import checkpoint as ckpt
-from inheritune import cli, data
+from inheritune import cli, data, losses, monitor, optim
 from inheritune import train as T
 from inheritune.config import ConfigError
 
@@ -73,9 +73,9 @@ def test_micro_loss_scale_makes_accumulation_equal_one_batch():
 
     def grads(accum: int) -> dict[str, torch.Tensor]:
         m = copy.deepcopy(model).train()
-        loss_mod = T.CausalLMLoss(m)
+        loss_mod = losses.CausalLMLoss(m)
         micro = 8 // accum
-        scale = T.micro_loss_scale(micro * SEQ, 8 * SEQ, world_size=1)
+        scale = losses.micro_loss_scale(micro * SEQ, 8 * SEQ, world_size=1)
         for chunk in x.split(micro):
             (loss_mod(chunk[:, :-1], chunk[:, 1:]) * scale).backward()
         return {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -83,9 +83,9 @@ def test_micro_loss_scale_makes_accumulation_equal_one_batch():
     one, four = grads(1), grads(4)
     for n in one:
         torch.testing.assert_close(four[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert T.micro_loss_scale(64, 256, 1) == 0.25
+    assert losses.micro_loss_scale(64, 256, 1) == 0.25
     # Two ranks, each holding half of the batch: DDP's average over ranks is undone.
-    assert T.micro_loss_scale(128, 256, 2) == 1.0
+    assert losses.micro_loss_scale(128, 256, 2) == 1.0
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -97,7 +97,7 @@ def test_linear_cross_entropy_matches_reference(with_bias):
     t = torch.randint(0, 50, (37,))
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t)
     ref_grads = torch.autograd.grad(ref * 3.0, [h, w] + ([b] if with_bias else []))
-    mine = T.linear_cross_entropy(h, w, b, t, chunk=8)  # several chunks, one ragged
+    mine = losses.linear_cross_entropy(h, w, b, t, chunk=8)  # several chunks, one ragged
     my_grads = torch.autograd.grad(mine * 3.0, [h, w] + ([b] if with_bias else []))
     torch.testing.assert_close(mine, ref)
     for a, r in zip(my_grads, ref_grads, strict=True):
@@ -109,24 +109,24 @@ def test_fused_model_loss_matches_hf_logits_path():
     x = torch.randint(0, 300, (3, SEQ + 1))
     logits = model(x[:, :-1]).logits
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-    assert T.CausalLMLoss(model).fused
-    torch.testing.assert_close(T.CausalLMLoss(model, chunk=5)(x[:, :-1], x[:, 1:]), ref)
+    assert losses.CausalLMLoss(model).fused
+    torch.testing.assert_close(losses.CausalLMLoss(model, chunk=5)(x[:, :-1], x[:, 1:]), ref)
 
 
 def test_lr_schedule():
     cfg = cfg_for(Path("x"), steps=100, warmup=10, lr=1.0, min_lr=0.1)
-    lrs = [T.lr_at(s, cfg) for s in range(100)]
+    lrs = [optim.lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
-    assert T.lr_at(100, cfg) == pytest.approx(0.1)
-    assert T.lr_at(55, cfg) == pytest.approx(0.55)  # half way through the cosine
+    assert optim.lr_at(100, cfg) == pytest.approx(0.1)
+    assert optim.lr_at(55, cfg) == pytest.approx(0.55)  # half way through the cosine
 
 
 def test_param_groups_decay_and_scales():
     model = tiny_model("llama")  # tied embeddings/head
     cfg = cfg_for(Path("x"), weight_decay=0.1, embed_lr_scale=0.5, norm_lr_scale=2.0)
-    groups = {g["name"]: g for g in T.param_groups(model, cfg)}
+    groups = {g["name"]: g for g in optim.param_groups(model, cfg)}
     emb = model.get_input_embeddings().weight
     assert any(p is emb for p in groups["embed"]["params"])
     assert groups["embed"]["weight_decay"] == 0.0 and groups["embed"]["lr_scale"] == 0.5
@@ -135,20 +135,20 @@ def test_param_groups_decay_and_scales():
     n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters())  # tied weight counted once
     untied = tiny_model("gpt_neox")  # untied head with decay, its own scale
-    g2 = {g["name"]: g for g in T.param_groups(untied, cfg_for(Path("x"), head_lr_scale=3.0))}
+    g2 = {g["name"]: g for g in optim.param_groups(untied, cfg_for(Path("x"), head_lr_scale=3.0))}
     assert g2["head"]["lr_scale"] == 3.0 and g2["head"]["weight_decay"] == 0.1
 
 
 def test_freeze_patterns():
     model = tiny_model("llama")
-    frozen = T.apply_freeze(model, ["embed_tokens", "model.layers.0.*"])
+    frozen = optim.apply_freeze(model, ["embed_tokens", "model.layers.0.*"])
     assert "model.embed_tokens.weight" in frozen
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
     assert model.lm_head.weight.requires_grad is False  # tied: frozen together
-    names = {n for g in T.param_groups(model, cfg_for(Path("x"))) for n in [g["name"]]}
+    names = {n for g in optim.param_groups(model, cfg_for(Path("x"))) for n in [g["name"]]}
     assert "embed" not in names
     with pytest.raises(ConfigError, match="--freeze"):
-        T.apply_freeze(model, ["no_such_param"])
+        optim.apply_freeze(model, ["no_such_param"])
 
 
 def test_config_validation():
@@ -161,32 +161,32 @@ def test_config_validation():
 
 
 def test_sampler_is_deterministic_and_resumable():
-    a = T.WindowSampler(1000, 10, seed=3)
+    a = data.WindowSampler(1000, 10, seed=3)
     seq = [a.next_starts(8) for _ in range(30)]  # crosses epochs (99 windows)
-    b = T.WindowSampler(1000, 10, seed=3)
+    b = data.WindowSampler(1000, 10, seed=3)
     for _ in range(13):
         b.next_starts(8)
-    c = T.WindowSampler(1000, 10, seed=3)
+    c = data.WindowSampler(1000, 10, seed=3)
     c.load_state_dict(b.state_dict())
     for s in seq[13:]:
         np.testing.assert_array_equal(c.next_starts(8), s)
     assert {int(x) for x in seq[0]} <= set(range(0, 990, 10))
     assert len(set(seq[0].tolist())) == 8  # no window twice in a batch
-    other = T.WindowSampler(1000, 10, seed=4)
+    other = data.WindowSampler(1000, 10, seed=4)
     assert not np.array_equal(other.next_starts(8), seq[0])
 
 
 def test_eval_windows_fixed_and_from_validation(tokens):
-    w1 = T.eval_windows(tokens, SEQ, 5 * SEQ)
-    w2 = T.eval_windows(tokens, SEQ, 5 * SEQ)
+    w1 = data.eval_windows(tokens, SEQ, 5 * SEQ)
+    w2 = data.eval_windows(tokens, SEQ, 5 * SEQ)
     assert w1.shape == (5, SEQ + 1)
     np.testing.assert_array_equal(w1, w2)
     val = np.asarray(tokens.val, dtype=np.int64)
     np.testing.assert_array_equal(w1[1], val[SEQ : 2 * SEQ + 1])
     assert (w1[:-1, -1] == w1[1:, 0]).all()  # consecutive: each token predicted once
     model = tiny_model("llama")
-    a = T.evaluate_loss(model, w1, batch_size=2)
-    b = T.evaluate_loss(model, w1, batch_size=5)
+    a = losses.evaluate_loss(model, w1, batch_size=2)
+    b = losses.evaluate_loss(model, w1, batch_size=5)
     x = torch.from_numpy(w1)
     with torch.no_grad():
         logits = model(x[:, :-1]).logits
@@ -220,8 +220,8 @@ def test_train_model_outputs_and_tied_weights(tmp_path, tokens, tokenizer):
             loaded.model.embed_tokens.weight, model.model.embed_tokens.weight
         )
     # The final model reproduces the final evaluation.
-    windows = T.eval_windows(tokens, SEQ, 4 * SEQ)
-    assert T.evaluate_loss(loaded, windows, 4) == pytest.approx(res.final_val_loss, rel=1e-6)
+    windows = data.eval_windows(tokens, SEQ, 4 * SEQ)
+    assert losses.evaluate_loss(loaded, windows, 4) == pytest.approx(res.final_val_loss, rel=1e-6)
 
 
 def test_existing_run_needs_resume(tmp_path, tokens, tokenizer):
@@ -237,16 +237,16 @@ def test_exact_resume_after_clean_stop(tmp_path, tokens, tokenizer, monkeypatch)
     """
     ref = T.train_model(tiny_model("gpt2"), tokenizer, tokens, cfg_for(tmp_path / "ref"))
     assert ref.steps == 8
-    real_append = T._append_log
+    real_append = monitor._append_log
 
     def append_then_interrupt(path, record):
         real_append(path, record)
         if record.get("kind") == "train" and record["step"] == 5:
             signal.raise_signal(signal.SIGINT)  # the real handler runs
 
-    monkeypatch.setattr(T, "_append_log", append_then_interrupt)
+    monkeypatch.setattr(monitor, "_append_log", append_then_interrupt)
     first = T.train_model(tiny_model("gpt2"), tokenizer, tokens, cfg_for(tmp_path / "run"))
-    monkeypatch.setattr(T, "_append_log", real_append)
+    monkeypatch.setattr(monitor, "_append_log", real_append)
     assert first.interrupted and first.stop_signal == signal.SIGINT
     assert 5 <= first.steps < 8 and first.checkpoint.name == ckpt.step_name(first.steps)
     assert not (tmp_path / "run" / "final").exists()
@@ -318,7 +318,7 @@ def test_exact_resume_after_kill9(tmp_path, tiny_folder, corpus_file):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, tokenizer, monkeypatch):
     model = tiny_model("llama")
-    real_append = T._append_log
+    real_append = monitor._append_log
 
     def poison(path, record):
         real_append(path, record)
@@ -326,11 +326,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokens, tokeniz
             with torch.no_grad():
                 model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
 
-    monkeypatch.setattr(T, "_append_log", poison)
+    monkeypatch.setattr(monitor, "_append_log", poison)
     out = tmp_path / "run"
     with pytest.raises(T.TrainingError, match=r"non-finite loss .* step 6.*step-00000004"):
         T.train_model(model, tokenizer, tokens, cfg_for(out))
-    monkeypatch.setattr(T, "_append_log", real_append)
+    monkeypatch.setattr(monitor, "_append_log", real_append)
     root = out / "checkpoints"
     assert ckpt.read_latest(root).name == "step-00000004"
     ckpt.verify_checkpoint(root / "step-00000004")
@@ -362,7 +362,7 @@ def test_distillation_loss(tmp_path, tokens, tokenizer):
     lm = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), x[:, 1:].flatten())
     p_t = torch.softmax(t_logits / 2.0, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1).mean() * 4.0
-    got = T.CausalLMLoss(student)(x[:, :-1], x[:, 1:], t_logits, 0.4, 2.0)
+    got = losses.CausalLMLoss(student)(x[:, :-1], x[:, 1:], t_logits, 0.4, 2.0)
     torch.testing.assert_close(got, 0.6 * lm + 0.4 * kl, rtol=1e-5, atol=1e-6)
     teacher = copy.deepcopy(student)
     cfg = cfg_for(tmp_path / "kd", steps=2, distill_alpha=1.0)

@@ -4,7 +4,10 @@ Samples ``--num-seqs`` windows of ``--seq-len`` tokens from the validation split
 with eager attention (fused kernels return no weights) and, for every head of every layer,
 computes the approximate rank k*(tau), the dominant-column mass m*(eta) and the largest column's
 share, each averaged over the sequences. From those: MaxRank and AvgMass per layer, lazy layers,
-contiguous lazy groups and a suggested initial depth for the recipe.
+contiguous lazy groups and a suggested initial depth for the recipe. ``analysis.json`` records
+the exact definitions used (:func:`definitions`); layers are numbered from 0 there and in every
+table (the paper's plots number from 1). ``--rank-of-mean`` adds the rank of the mean attention
+matrix as a second, separately labelled number.
 
 Memory stays flat in the number of layers: a forward hook on each block's attention module
 reduces that layer's ``(B, H, T, T)`` weights to per-(sequence, head) numbers at once and drops
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from inheritune import assets, metrics, plots
+from inheritune import assets, metrics, models, plots
 from inheritune.arch import get_arch
 from inheritune.config import (
     ConfigError,
@@ -43,6 +46,7 @@ from inheritune.config import (
     flag,
     save_resolved,
 )
+from inheritune.mergekit import LAYER_NUMBERING
 
 
 @dataclass
@@ -79,6 +83,13 @@ class AnalyzeConfig:
     min_group: int = field(
         default=2,
         metadata={"help": "layers a lazy group needs to drive the suggested depth"},
+    )
+    rank_of_mean: bool = field(
+        default=False,
+        metadata={
+            "help": "also report k*(tau) of the mean attention matrix over the windows, labelled "
+            "rank_of_mean (NOT the paper's Rank, which is the mean of per-window ranks)"
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow custom model code from the model folder"}
@@ -117,6 +128,7 @@ class AnalysisResult:
     seconds: float = 0.0
     data: str | None = None
     seed: int | None = None
+    rank_of_mean: np.ndarray | None = None  # (L, H) k*(tau) of the mean matrix, if asked for
 
     @property
     def num_layers(self) -> int:
@@ -185,6 +197,10 @@ class AnalysisResult:
             }
             for i in range(self.num_layers)
         ]
+        if self.rank_of_mean is not None:  # a different number, under its own name
+            for i, layer in enumerate(layers):
+                layer["rank_of_mean_per_head"] = self.rank_of_mean[i].tolist()
+                layer["max_rank_of_mean"] = float(self.rank_of_mean[i].max())
         return {
             "model": self.model,
             "data": self.data,
@@ -195,6 +211,8 @@ class AnalysisResult:
             "seq_len": int(self.input_ids.shape[1]),
             "tau": self.tau,
             "eta": self.eta,
+            "layer_numbering": LAYER_NUMBERING,
+            "definitions": definitions(self.tau, self.eta, self.rank_of_mean is not None),
             "rules": RULES | {"lazy_layer": RULES["lazy_layer"].format(tol=self.lazy_tol)},
             "lazy_tol": self.lazy_tol,
             "min_group": self.min_group,
@@ -213,6 +231,8 @@ class AnalysisResult:
         def per_head(key: str) -> np.ndarray:
             return np.array([layer[key] for layer in d["layers"]], dtype=np.float64)  # (L, H)
 
+        has_rom = bool(d["layers"]) and "rank_of_mean_per_head" in d["layers"][0]
+
         return cls(
             model=d["model"],
             input_ids=np.array(d["input_ids"], dtype=np.int64),
@@ -227,6 +247,7 @@ class AnalysisResult:
             seconds=d.get("seconds", 0.0),
             data=d.get("data"),
             seed=d.get("seed"),
+            rank_of_mean=per_head("rank_of_mean_per_head") if has_rom else None,
         )
 
 
@@ -254,20 +275,27 @@ RULES = {
 }
 
 
-def model_context(config) -> int | None:
-    """The longest input the model accepts, from its config, or None if it states none."""
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_seq_len(config, seq_len: int) -> None:
-    """Raise :class:`ConfigError` if ``seq_len`` exceeds the model's context."""
-    ctx = model_context(config)
-    if ctx is not None and seq_len > ctx:
-        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({ctx} tokens)")
+def definitions(tau: float, eta: float, rank_of_mean: bool = False) -> dict:
+    """The exact metric definitions behind a report's numbers (``definitions`` in analysis.json)."""
+    return {
+        "attention": "A = softmax(Q K^T / sqrt(d_head) + causal mask) of one head on one window, "
+        "T x T, row-stochastic, from eager attention",
+        "spectral_energy": "squared singular values s_1^2 >= ... >= s_T^2 of A; the energy share "
+        "of the top k is sum_{i<=k} s_i^2 / sum_j s_j^2 (= / ||A||_F^2)",
+        "rank": "k*(tau) = smallest k whose energy share >= tau, per (window, head); "
+        "rank_per_head = mean over the windows of k* (mean of per-window ranks)",
+        "mass": "column shares p_j = ||A[:, j]||_2^2 / ||A||_F^2 (squared column norms); m*(eta) "
+        "= fewest columns, largest p_j first, whose shares sum to >= eta, per (window, head); "
+        "mass_per_head = mean over the windows",
+        "tau": tau,
+        "eta": eta,
+        "share_tolerance": f"a share counts as reaching tau or eta within {metrics.SHARE_ATOL}",
+        "rank_of_mean": "rank_of_mean_per_head = k*(tau) of the mean over the windows of A (one "
+        "matrix per head); a different number from rank_per_head, for comparison with write-ups "
+        "that use it"
+        if rank_of_mean
+        else "not computed (--rank-of-mean off)",
+    }
 
 
 def sample_inputs(val: np.ndarray, cfg: AnalyzeConfig) -> np.ndarray:
@@ -312,6 +340,18 @@ class HeadMeans:
         self.num_layers = num_layers
         self.sums: dict[str, torch.Tensor] = {}
         self.seqs = [0] * num_layers  # sequences that reached each layer's hook
+        self.attn_sums: list[torch.Tensor | None] = [None] * num_layers  # (H, T, T) each
+
+    def add_matrices(self, layer: int, attn: torch.Tensor) -> None:
+        """Sum the (B, H, T, T) weights over the batch, for :meth:`rank_of_mean`."""
+        total = attn.double().sum(0).cpu()  # (H, T, T)
+        prev = self.attn_sums[layer]
+        self.attn_sums[layer] = total if prev is None else prev + total
+
+    def rank_of_mean(self, tau: float) -> np.ndarray:
+        """(L, H) k*(tau) of each head's mean matrix over the sequences added."""
+        means = torch.stack([s / n for s, n in zip(self.attn_sums, self.seqs, strict=True)])
+        return metrics.approx_rank(means, tau).numpy().astype(np.float64)  # (L, H, T, T) in
 
     def add(self, layer: int, stats: metrics.HeadStats) -> None:
         parts = {
@@ -350,7 +390,7 @@ def run_analysis(
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ConfigError(f"input_ids must be a non-empty (N, T) array, got {tuple(ids.shape)}")
-    check_seq_len(model.config, ids.shape[1])
+    models.check_context(model.config, ids.shape[1])
     arch = get_arch(model)
     acc = HeadMeans(arch.num_layers)
 
@@ -364,6 +404,8 @@ def run_analysis(
                     f"them, so it cannot be analysed"
                 )
             acc.add(layer, metrics.head_stats(weights, cfg.tau, cfg.eta))  # (B, H, T, T) in
+            if cfg.rank_of_mean:
+                acc.add_matrices(layer, weights)
             return (output[0], None, *output[2:])  # drop the weights now
 
         return hook
@@ -399,6 +441,7 @@ def run_analysis(
         lazy_tol=cfg.lazy_tol,
         min_group=cfg.min_group,
         seconds=time.perf_counter() - start,
+        rank_of_mean=acc.rank_of_mean(cfg.tau) if cfg.rank_of_mean else None,
     )
 
 
@@ -416,7 +459,8 @@ def summary_table(result: AnalysisResult) -> str:
         f"attention collapse of {result.model}: {result.num_layers} layers x "
         f"{result.num_heads} heads, {n} windows x {t} tokens, tau={result.tau}, eta={result.eta}",
         f"{'layer':>5} {'MaxRank':>8} {'AvgRank':>8} {'AvgMass':>8} {'p_max':>6} "
-        f"{'rank1 heads':>11} {'lazy':>5} {'group':>5}",
+        f"{'rank1 heads':>11} {'lazy':>5} {'group':>5}"
+        + (f" {'MaxRankOfMean':>13}" if result.rank_of_mean is not None else ""),
     ]
     for i in range(result.num_layers):
         rank1_heads = int((result.rank[i] <= 1.0 + result.lazy_tol).sum())
@@ -424,6 +468,7 @@ def summary_table(result: AnalysisResult) -> str:
             f"{i:>5} {max_rank[i]:>8.2f} {result.rank[i].mean():>8.2f} {avg_mass[i]:>8.2f} "
             f"{top[i]:>6.2f} {f'{rank1_heads}/{result.num_heads}':>11} "
             f"{'yes' if lazy[i] else '':>5} {group_of.get(i, ''):>5}"
+            + (f" {result.rank_of_mean[i].max():>13.0f}" if result.rank_of_mean is not None else "")
         )
     depth, rule = result.suggestion
     groups = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in result.groups) or "none"
@@ -431,7 +476,13 @@ def summary_table(result: AnalysisResult) -> str:
         f"lazy layers (MaxRank <= 1 + {result.lazy_tol}): {result.lazy_layers or 'none'}",
         f"lazy groups (floor(AvgRank) == 1): {groups}",
         f"suggested initial depth: paper L/2 = {result.half_depth}; analysis = {depth} ({rule})",
+        "layers are numbered from 0 (the paper's plots number from 1)",
     ]
+    if result.rank_of_mean is not None:
+        lines.append(
+            "MaxRankOfMean: max over heads of k*(tau) of the mean attention matrix (--rank-of-mean);"
+            " not the paper's MaxRank, which takes the mean of per-window ranks"
+        )
     return "\n".join(lines)
 
 
@@ -447,7 +498,11 @@ def write_report(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path]
     paths["json"].write_text(json.dumps(result.to_dict()))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["layer", "head", "rank", "rank1_frac", "mass", "top_col_share", "lazy_layer"])
+        rom = result.rank_of_mean
+        w.writerow(
+            ["layer", "head", "rank", "rank1_frac", "mass", "top_col_share", "lazy_layer"]
+            + (["rank_of_mean"] if rom is not None else [])
+        )
         for i in range(result.num_layers):
             for h in range(result.num_heads):
                 w.writerow(
@@ -460,6 +515,7 @@ def write_report(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path]
                         f"{result.top_share[i, h]:.4f}",
                         int(result.lazy[i]),
                     ]
+                    + ([int(rom[i, h])] if rom is not None else [])
                 )
     rules = result.to_dict()["rules"]
     paths["summary"].write_text(
@@ -480,14 +536,14 @@ def write_report(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path]
 
 def analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     """The ``inheritune analyze`` command: check inputs, sample, analyse, report."""
-    from inheritune import data, models
+    from inheritune import data
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     # Cheap checks first: the model's config and the data, before any weights are loaded.
     model_config = models.load_config(cfg.model, cfg.trust_remote_code)
-    check_seq_len(model_config, cfg.seq_len)
+    models.check_context(model_config, cfg.seq_len)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     tokens = data.load_tokens(cfg.data, tokenizer)
     input_ids = sample_inputs(tokens.val, cfg)

@@ -19,12 +19,22 @@ kd-random          random l layers, loss 0.6 LM + 0.4 KL to the reference       
 kd-every-other     reference layers 0, 2, 4, ... (l of them), same distillation     T
 lazy-init          the reference's deepest l layers (the collapsed ones)            T
 prune-bi           drop the L-l blocks of lowest Block Influence (ShortGPT)         T
-prune-angular      drop the contiguous L-l blocks of least angular distance         T
-                   (Gromov et al.)
+prune-angular      drop the contiguous L-l blocks of least angular distance at the  T
+                   last token (Gromov et al.; ``--angular-tokens all``: every token)
+prune-keep-last    drop the deepest layers but the final one: layers 0..l-2 and     T
+                   L-1 (Gromov et al.'s heuristic)
 prune-lazy         drop the L-l layers of lowest MaxRank (attention collapse)       T
+scratch-full       all L layers, random init (the reference's architecture trained  T
+                   from scratch; not at depth l)
 =================  ===============================================================  ======
 
-Every variant also reports its validation loss before any training (the step-0 eval).
+Every variant also reports its validation loss before any training (the step-0 eval). Layers
+are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
+
+``--export-mergekit FILE`` also writes the initial layer selection of every variant built from
+reference layers as a mergekit passthrough config, one file per variant with the variant name
+inserted before the suffix (``merge.yaml`` -> ``merge.prune-bi.yaml``); each file's header
+comment lists the variants that have no selection (random init, half width) and were skipped.
 
 Outputs in ``--out``: ``compare.md`` and ``compare.json`` (one row per variant: layers,
 parameters, tokens trained, loss before and after training, tokens needed to reach the
@@ -54,7 +64,7 @@ import yaml
 from torch import nn
 
 from inheritune import checkpoint as ckpt
-from inheritune import models, plots, scoring, surgery
+from inheritune import mergekit, models, plots, scoring, surgery
 from inheritune.config import (
     ConfigError,
     check_positive,
@@ -93,7 +103,9 @@ VARIANTS: dict[str, Variant] = {
         Variant("lazy-init", "reference layers L-l..L-1 (deepest)"),
         Variant("prune-bi", "drop lowest Block Influence layers", score="block_influence"),
         Variant("prune-angular", "drop least angular-distance block", score="angular_distance"),
+        Variant("prune-keep-last", "drop the deepest layers but the last (0..l-2, L-1)"),
         Variant("prune-lazy", "drop lowest MaxRank layers", score="max_rank"),
+        Variant("scratch-full", "all L layers, random init (full depth)"),
     ]
 }
 
@@ -157,6 +169,20 @@ class CompareConfig:
         metadata={"help": "training-split windows for the pruning scores (BI, angular, MaxRank)"},
     )
     calib_seq_len: int = field(default=128, metadata={"help": "tokens per calibration window"})
+    angular_tokens: str = field(
+        default="last",
+        metadata={
+            "help": "prune-angular's tokens: 'last' (Gromov et al., PruneMe) or 'all'",
+            "choices": scoring.ANGULAR_TOKENS,
+        },
+    )
+    export_mergekit: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write each variant's reference-layer selection as a mergekit "
+            "passthrough YAML: FILE with the variant inserted (merge.yaml -> merge.prune-bi.yaml)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for init, data order and calibration"})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "let transformers run the model repo's own code"}
@@ -198,6 +224,11 @@ class CompareConfig:
         check_positive("kd_temperature", self.kd_temperature)
         check_positive("calib_windows", self.calib_windows)
         check_positive("calib_seq_len", self.calib_seq_len)
+        if self.angular_tokens not in scoring.ANGULAR_TOKENS:
+            raise ConfigError(
+                f"--angular-tokens must be one of {', '.join(scoring.ANGULAR_TOKENS)}, "
+                f"got {self.angular_tokens!r}"
+            )
 
     def train_config(self, out: str | Path, steps: int, distill: bool = False) -> TrainConfig:
         """The shared training settings for one variant's run in ``out``."""
@@ -287,6 +318,8 @@ def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
     spec["train"].pop("out", None)
     if v.score:
         spec["calibration"] = {"windows": cfg.calib_windows, "seq_len": cfg.calib_seq_len}
+    if v.score == "angular_distance":
+        spec["calibration"]["angular_tokens"] = cfg.angular_tokens
     return json.loads(json.dumps(spec, default=str))
 
 
@@ -344,6 +377,7 @@ def _layer_scores(ctx: _Context) -> dict[str, list[float]]:
         "windows": cfg.calib_windows,
         "seq_len": cfg.calib_seq_len,
         "drop": ctx.num_layers - ctx.depth,
+        "angular_tokens": cfg.angular_tokens,
     }
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -352,11 +386,14 @@ def _layer_scores(ctx: _Context) -> dict[str, list[float]]:
     # Calibration data from the training split: the validation windows stay unseen.
     windows = sample_windows(ctx.tokens.train, cfg.calib_windows, cfg.calib_seq_len, cfg.seed)
     n = ctx.num_layers - ctx.depth
+    states = scoring.block_states(ctx.reference, windows)  # one forward pass for both scores
+    angular = scoring.angular_distances_from_states(states, n, cfg.angular_tokens)
     scores = {
-        "block_influence": scoring.block_influence(ctx.reference, windows).tolist(),
-        "angular_distance": scoring.angular_distances(ctx.reference, windows, n).tolist(),
+        "block_influence": scoring.block_influence_from_states(states).tolist(),
+        "angular_distance": angular.tolist(),
         "max_rank": _max_ranks(ctx.reference, windows),
     }
+    del states
     write_json_atomic(path, {"spec": spec, "scores": scores})
     return scores
 
@@ -382,12 +419,18 @@ def build_initial(ctx: _Context, name: str) -> tuple[nn.Module, dict[str, Any]]:
         return surgery.select_layers(ref, idx, allow_repeats=True), {"layers_from": idx}
     if name == "half-width":
         return surgery.half_width(ref), {"layers_from": list(range(L)), "width": "half"}
+    if name == "scratch-full":  # the reference's own architecture from scratch: exempt from l
+        return surgery.random_init(ref.config, L, seed=seed), {"layers_from": None, "depth": L}
     if name == "kd-every-other":
         idx = list(range(0, 2 * d, 2))
         return surgery.select_layers(ref, idx), {"layers_from": idx}
     if name == "lazy-init":
         idx = list(range(L - d, L))
         return surgery.select_layers(ref, idx), {"layers_from": idx}
+    if name == "prune-keep-last":
+        drop = scoring.keep_last_drop(L, L - d)
+        keep = [i for i in range(L) if i not in set(drop)]
+        return surgery.drop_layers(ref, drop), {"layers_from": keep, "dropped": drop}
     if name in ("prune-bi", "prune-angular", "prune-lazy"):
         scores = ctx.scores()
         k = L - d
@@ -463,7 +506,9 @@ def run_variant(ctx: _Context, name: str, spec: dict[str, Any]) -> dict[str, Any
         params = models.count_parameters(model)
         s = _train_stage(ctx, model, folder / "train", cfg.steps * v.budget, v, name)
         evals, stages = s["evals"], [s]
-    layers = len(info.get("stacked") or info["layers_from"] or range(ctx.depth))
+    layers = info.get("depth") or len(
+        info.get("stacked") or info["layers_from"] or range(ctx.depth)
+    )
     result = {
         "variant": name,
         "description": v.description,
@@ -516,9 +561,16 @@ def _reference_loss(ctx: _Context) -> float:
 def compare(cfg: CompareConfig) -> CompareResult:
     """Run (or resume) every selected variant and write compare.md, compare.json, curves.png."""
     config = models.load_config(cfg.model, cfg.trust_remote_code)
+    models.check_context(config, cfg.train_config("", 1).seq_len)
+    models.check_context(config, cfg.calib_seq_len, "calib_seq_len")
     L = int(config.num_hidden_layers)
     depth = cfg.depth if cfg.depth is not None else default_depth(L)
     _check_depth(depth, L)
+    # a model mergekit cannot read is refused before any training
+    mk_source = None
+    if cfg.export_mergekit:
+        mergekit.check_path(cfg.export_mergekit)
+        mk_source = mergekit.source_name(cfg.model)
     names = cfg.selected()
     skipped: dict[str, str] = {}
     for name in names:
@@ -579,7 +631,10 @@ def compare(cfg: CompareConfig) -> CompareResult:
         "reference": reference_row,
         "variants": [{k: v for k, v in r.items() if k != "spec"} for r in rows],
         "skipped": skipped,
+        "layer_numbering": mergekit.LAYER_NUMBERING,
     }
+    if cfg.export_mergekit:
+        summary["mergekit"] = _export_mergekit(cfg, mk_source, config, rows)
     json_path = write_json_atomic(out / "compare.json", summary)
     curves = {
         r["variant"] + (f" ({r['budget']})" if r["budget"] != "1T" else ""): (
@@ -601,6 +656,30 @@ def compare(cfg: CompareConfig) -> CompareResult:
     return CompareResult(out, ref_loss, rows, skipped, md, json_path, plot)
 
 
+def _export_mergekit(cfg: CompareConfig, source: str, config, rows: list[dict]) -> dict[str, Any]:
+    """Each variant's initial reference-layer selection as a mergekit config (module docstring)."""
+    selections, not_exported = {}, {}
+    for r in rows:
+        init = r["init"]
+        if init.get("width"):
+            not_exported[r["variant"]] = "half width: sliced weights, not whole layers"
+        elif init.get("layers_from") is None:
+            not_exported[r["variant"]] = "random init: no reference layers"
+        else:
+            selections[r["variant"]] = init["layers_from"]
+    written = mergekit.export_selections(
+        cfg.export_mergekit,
+        source,
+        mergekit.config_dtype(config),
+        selections,
+        {n: VARIANTS[n].description for n in selections},
+        not_exported,
+    )
+    for name, path in written.items():
+        print(f"mergekit config of {name}: {path}", flush=True)
+    return {"written": {n: str(p) for n, p in written.items()}, "not_exported": not_exported}
+
+
 def _fmt_tokens(n: int | None) -> str:
     if n is None:
         return "not reached"
@@ -615,7 +694,8 @@ def render_markdown(summary: dict[str, Any], plot_name: str) -> str:
     lines = [
         f"# Baselines at depth {depth}: {Path(cfg['model']).name} on {Path(cfg['data']).name}",
         "",
-        f"Every variant has {depth} layers (half-width: all {ref['layers']} at half width) and is "
+        f"Every variant has {depth} layers (half-width: all {ref['layers']} at half width; "
+        f"scratch-full: all {ref['layers']} from scratch) and is "
         f"trained with the same settings for T = {summary['steps']} steps on the same data; "
         f"losses are on the same fixed validation windows. Reference ({ref['layers']} layers, "
         f"{ref['parameters']:,} parameters, untrained here): **{ref['val_loss']:.4f}**.",
@@ -637,7 +717,8 @@ def render_markdown(summary: dict[str, Any], plot_name: str) -> str:
         "† trained for 2T steps in all (random-2x: 2T at depth l; stacking: T at l/2 layers, "
         "then T at l after copying the stack on top of itself), so twice the others' tokens.",
         "'loss before' is the step-0 eval (stacking: its l/2-layer start); 'tokens to reference' "
-        "is the first eval at or below the reference's loss.",
+        "is the first eval at or below the reference's loss. Layers are numbered from 0 (the "
+        "paper's plots number from 1).",
     ]
     if summary["skipped"]:
         lines += ["", "Skipped (cannot be built for this reference at this depth):", ""]

@@ -21,10 +21,13 @@ Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -47,6 +51,43 @@ _TMP_PREFIX = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, half-written or does not fit this run."""
+
+
+class WriteError(CheckpointError):
+    """The OS refused a write (disk full, read-only, no permission); nothing was replaced."""
+
+
+# errno values that mean "this place cannot take the write", not a bug in the writer
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _write_fault(err: BaseException) -> str | None:
+    """The OS's reason when ``err`` (or an exception it wraps) is a refused write, else None.
+
+    safetensors (Rust) reports the OS error only in its message, ``... (os error 28)``, and
+    numpy's ``tofile`` as a short write without an errno.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None:
+            m = re.search(r"\(os error (\d+)\)", str(e))
+            code = int(m.group(1)) if m else None
+        if code in _WRITE_ERRNOS:
+            return os.strerror(code)
+        if isinstance(e, OSError) and re.search(r"\d+ requested and \d+ written", str(e)):
+            return "short write (is the disk full?)"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_error(path: Path, cause: str) -> WriteError:
+    return WriteError(
+        f"cannot write {path}: {cause}. Nothing was replaced, so the last good state is intact; "
+        f"free space or make {path.parent} writable, then run again"
+    )
 
 
 def checkpoints_root(out: str | Path) -> Path:
@@ -87,17 +128,86 @@ def _fsync_path(path: Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small file so readers see the old or the new content, never a torn one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        if cause := _write_fault(e):
+            raise _write_error(path, cause) from e
         raise
     _fsync_path(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    return path
+
+
+# ----------------------------------------------------------------------------- cached results
+# One scheme for every cache and resumable stage (token folders aside, which data.py keys by
+# corpus and tokenizer): a JSON file holds {"spec": <everything the result depends on>, ...};
+# it is reused only when the stored spec equals the current one.
+
+
+def canonical(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` as plain JSON values (paths and tuples become strings and lists)."""
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    """Short stable hash of a spec."""
+    blob = json.dumps(canonical(spec), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def spec_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two specs."""
+    old, new = canonical(old), canonical(new)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+class StaleCacheError(CheckpointError):
+    """A cached result was made with different settings than the current run's."""
+
+
+def read_cached(path: str | Path, spec: dict[str, Any], strict: bool = True) -> dict | None:
+    """The payload stored in ``path`` for ``spec``, or None when there is none.
+
+    A file made for another spec raises :class:`StaleCacheError` naming the differing keys
+    (``strict``), or is ignored so the caller recomputes it (``strict=False``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:  # written atomically: this is outside damage
+        raise CheckpointError(f"{path} is corrupt ({e}); delete it to recompute") from e
+    diff = spec_diff(stored.get("spec", {}), spec)
+    if not diff:
+        return stored
+    if strict:
+        raise StaleCacheError(
+            f"{path} was made with different settings (differs in {diff}); use the same "
+            f"settings, another --out, or delete it"
+        )
+    return None
+
+
+def write_cached(path: str | Path, spec: dict[str, Any], payload: dict[str, Any]) -> Path:
+    """Store ``payload`` with its ``spec`` for :func:`read_cached`."""
+    return atomic_write_json(path, {"spec": canonical(spec), **payload})
 
 
 def write_manifest(folder: Path, meta: dict[str, Any] | None = None) -> None:
@@ -119,26 +229,32 @@ def write_folder_atomically(final: Path, populate: Callable[[Path], None], meta=
     """Build a folder in a temporary sibling, add its manifest, fsync and rename it into place.
 
     An existing ``final`` is replaced (moved aside first, then deleted), so readers never see a
-    mix of old and new files.
+    mix of old and new files. A write the OS refuses (full disk, read-only or unwritable folder)
+    raises :class:`WriteError` with the temporary removed and any previous ``final`` in place.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}.", dir=final.parent))
+    tmp = old = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}.", dir=final.parent))
         populate(tmp)
         write_manifest(tmp, meta)
         _fsync_path(tmp)
-        old = None
         if final.exists():
             old = final.parent / f"{_TMP_PREFIX}old-{final.name}.{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_path(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if old is not None and not final.exists():
+            os.replace(old, final)  # the new one never arrived: put the previous one back
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if cause := _write_fault(e):
+            raise _write_error(final, cause) from e
         raise
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -337,3 +453,118 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict, groups:
         {k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups
     ]  # AdamW keeps betas as a tuple; JSON made it a list
     return {"state": state, "param_groups": param_groups}
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """Optimizer state keyed by parameter name (full tensors, on CPU)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, opt, options=opts)
+    names = _param_names(model)
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    sd = opt.state_dict()
+    state = {order[i]: st for i, st in sd["state"].items()}
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+        for g in sd["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict, fsdp: bool):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            model, opt, sd, options=StateDictOptions(full_state_dict=True, strict=True)
+        )
+        return
+    names = _param_names(model)
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    saved = [n for g in sd["param_groups"] for n in g["params"]]
+    if saved != order:
+        raise CheckpointError(
+            "the checkpoint's optimizer holds different parameters than this run "
+            "(different model or --freeze?)"
+        )
+    index = {n: i for i, n in enumerate(order)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
+    opt.load_state_dict(
+        {"state": {index[n]: st for n, st in sd["state"].items()}, "param_groups": groups}
+    )
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def full_model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor] | None:
+    """The full (gathered) state dict under FSDP (a collective), else None (use the model)."""
+    if not fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def save_hf_folder(model: nn.Module, tokenizer, folder: Path, state_dict=None) -> None:
+    """config.json + model.safetensors (+ tokenizer): loadable by AutoModelForCausalLM."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own "Writing model shards" bar would tear the training progress bar.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, state_dict=state_dict)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """Load safetensors weights into ``model`` in place; only tied copies may be missing."""
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name not in (OPTIMIZER, RNG):
+            sd.update(load_file(str(f)))
+    result = model.load_state_dict(sd, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unique = _param_names(model).values()
+    missing = [k for k in result.missing_keys if k in params and k in unique]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {folder} does not fit this model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def copy_model_folder(src: Path, dst: Path, tokenizer=None) -> Path:
+    """Atomically copy the model files of ``src`` (not its training state) to ``dst``."""
+    skip = (OPTIMIZER, RNG, TRAINER_STATE, MANIFEST)
+
+    def populate(tmp: Path) -> None:
+        for p in Path(src).iterdir():
+            if p.is_file() and p.name not in skip:
+                shutil.copy2(p, tmp / p.name)
+        if tokenizer is not None and not (tmp / "tokenizer_config.json").is_file():
+            tokenizer.save_pretrained(tmp)
+
+    return write_folder_atomically(Path(dst), populate)

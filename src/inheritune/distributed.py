@@ -142,3 +142,10 @@ def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (FSDP2), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of ``--precision`` (bf16 autocast, or nothing for fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -212,9 +212,7 @@ def file_perplexity(
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ConfigError(f"{flag('ppl_file')}: {path} has {len(ids)} token(s); need at least 2")
-    limit = _max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(f"{flag('ppl_seq_len')} {seq_len} exceeds the model's {limit} positions")
+    models.check_context(model.config, seq_len, "ppl_seq_len")
     t0 = time.perf_counter()
     total, count = strided_nll(
         model, torch.tensor(ids, dtype=torch.long), seq_len, stride, batch_size
@@ -231,15 +229,6 @@ def file_perplexity(
         "perplexity": math.exp(nats),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------- harness
@@ -426,6 +415,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured tasks and/or perplexity; write eval.json, eval.md, config.yaml."""
     # Bad model arguments, task names and devices fail before any weights load.
     src = models.resolve_model(cfg.model)
+    if cfg.ppl_file:
+        models.check_context(models.load_config(cfg.model), cfg.ppl_seq_len, "ppl_seq_len")
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None
     device = _device(cfg.device)
     out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / src.name.replace("/", "--")

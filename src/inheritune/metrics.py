@@ -8,6 +8,10 @@ Per attention matrix ``A`` (one head, one sequence; ``T x T``, row-stochastic):
   ``eta`` of ``||A||_F^2``;
 * :func:`top_column_share` — p_max, the share of the single largest column.
 
+The paper's Rank is the mean over sequences of the per-sequence k*. The rank of the mean matrix
+(``analyze --rank-of-mean``) is a different number: N full-rank permutation matrices can average
+to a rank-1 matrix.
+
 Then per layer, from the per-head means over sequences: :func:`layer_max_rank` (MaxRank),
 :func:`layer_avg_mass` (AvgMass), :func:`lazy_layers`, :func:`lazy_groups` and
 :func:`suggest_depth`. :mod:`inheritune.analyze` feeds these with attention weights caught layer

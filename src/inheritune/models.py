@@ -9,12 +9,23 @@ A model argument is one of:
 * a hub id (``gpt2``, ``Qwen/Qwen2-0.5B``) for users who have a hub; offline this fails with a
   message saying what to use instead.
 
+:func:`load_config`, :func:`load_tokenizer` and :func:`load_model` are the only ways inheritune
+reads a model argument, and each checks its input before use: a ``config.json`` that is not a
+JSON object, a ``.gguf`` that is not GGUF or is truncated, a safetensors file that is truncated
+or corrupt (read from its header, :func:`weight_shapes`), an index naming shards or tensors that
+are not there, and weights that do not fit the config (missing, extra or wrongly shaped tensors;
+transformers would initialise missing ones randomly and carry on) all raise
+:class:`ModelLoadError`, one line naming the path and what is wrong.
+
 Weights are only ever read from safetensors (or GGUF), never through pickle, and
-``trust_remote_code`` stays off unless asked for.
+``trust_remote_code`` stays off unless asked for. :func:`check_context` refuses a ``--seq-len``
+longer than the model's context before any data is loaded.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +34,10 @@ import torch
 from inheritune import assets
 
 DEFAULT_MODELS = {assets.DEFAULT_MODEL: assets.ensure_default_model}
+WEIGHTS = "model.safetensors"  # the names transformers reads: one file, or shards + index
+WEIGHTS_INDEX = "model.safetensors.index.json"
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what the gguf reader transformers uses understands
 
 
 class ModelLoadError(ValueError):
@@ -41,6 +56,11 @@ class ModelSource:
     def name(self) -> str:
         return Path(self.location).name if self.is_local else self.location
 
+    @property
+    def path(self) -> Path:
+        """The folder, or the .gguf file itself."""
+        return Path(self.location) / self.gguf_file if self.gguf_file else Path(self.location)
+
 
 def resolve_model(arg: str) -> ModelSource:
     """Classify a model argument, preparing embedded defaults; raises :class:`ModelLoadError`."""
@@ -53,14 +73,19 @@ def resolve_model(arg: str) -> ModelSource:
                 f"{path} is not a model folder: it has no config.json. Pass a Hugging Face folder "
                 f"(config.json + *.safetensors), a .gguf file, or one of {sorted(DEFAULT_MODELS)}."
             )
-        weights = list(path.glob("*.safetensors"))
-        if not weights:
+        if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
             pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
             hint = f" It has {pickled}; inheritune never loads pickled weights." if pickled else ""
-            raise ModelLoadError(f"{path} has no *.safetensors weights.{hint}")
+            others = sorted(p.name for p in path.glob("*.safetensors"))
+            if others and not pickled:
+                hint = f" It has {others}, which are not a model's weights."
+            raise ModelLoadError(
+                f"{path} has no *.safetensors weights ({WEIGHTS} or {WEIGHTS_INDEX}).{hint}"
+            )
         return ModelSource(str(path))
     if path.is_file():
         if path.suffix == ".gguf":
+            _check_gguf_header(path)
             return ModelSource(str(path.parent), gguf_file=path.name)
         raise ModelLoadError(
             f"{path} is a file but not a .gguf; pass its folder (with config.json) instead."
@@ -73,26 +98,171 @@ def resolve_model(arg: str) -> ModelSource:
     return ModelSource(arg, is_local=False)
 
 
+def _check_gguf_header(path: Path) -> None:
+    """The first 8 bytes: magic and a version the reader handles (cheap; the rest is checked on
+    load, where a truncated file makes the reader fail)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file: it does not start with {GGUF_MAGIC!r}")
+    (version,) = struct.unpack("<I", head[4:])
+    if version not in GGUF_VERSIONS:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file: version {version}, expected one of "
+            f"{list(GGUF_VERSIONS)} (corrupt, or written by a newer tool)"
+        )
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one line: libraries' messages span lines and tables."""
+    text = " ".join(str(err).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _hub_error(arg: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"could not load {arg!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        f"could not load {arg!r} from the Hugging Face hub ({_reason(err)}). "
         f"If this machine is offline, download the model elsewhere and pass its local folder, "
         f"pass a .gguf file, or use the embedded default {assets.DEFAULT_MODEL!r}."
     )
 
 
+def _load_error(arg: str, src: ModelSource, what: str, err: Exception) -> ModelLoadError:
+    """Any failure reading a local model is a fault of that input: say which file and why."""
+    if not src.is_local:
+        return _hub_error(arg, err)
+    if src.gguf_file:
+        return ModelLoadError(
+            f"cannot read the {what} of {src.path}: it is truncated or corrupt ({_reason(err)})"
+        )
+    return ModelLoadError(f"cannot load the {what} in {src.path}: {_reason(err)}")
+
+
+def _check_config_json(folder: Path) -> None:
+    """A config.json that is not a JSON object gets its own message (transformers' is vague)."""
+    path = folder / "config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({_reason(e)})") from e
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {_reason(e)}") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, got {type(value).__name__}")
+
+
 def load_config(arg: str, trust_remote_code: bool = False):
+    """The model's transformers config (no weights read); raises :class:`ModelLoadError`."""
     from transformers import AutoConfig
 
     src = resolve_model(arg)
+    if src.is_local and not src.gguf_file:
+        _check_config_json(src.path)
     try:
         if src.gguf_file:
             return AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
         return AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        if not src.is_local:
-            raise _hub_error(arg, e) from e
-        raise ModelLoadError(f"cannot read the config of {arg}: {e}") from e
+    except Exception as e:  # gguf's reader raises struct.error on truncated files, and so on
+        raise _load_error(arg, src, "config", e) from e
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from one safetensors header; the library checks the header and that
+    the data it describes covers the file exactly (so truncation is caught without reading it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path} is truncated or corrupt ({_reason(e)})") from e
+
+
+def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a model folder's weights, read from headers only.
+
+    Reads ``model.safetensors``, or every shard a ``model.safetensors.index.json`` names (each
+    must exist and hold the tensors the index assigns to it). Raises :class:`ModelLoadError`.
+    """
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        return _header_shapes(folder / WEIGHTS)
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{index} is not a safetensors index ({_reason(e)})") from e
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = folder / str(shard)
+        if not path.is_file():
+            raise ModelLoadError(f"{index} names the shard {shard}, which is not in {folder}")
+        found = _header_shapes(path)
+        absent = sorted(k for k, s in weight_map.items() if s == shard and k not in found)
+        if absent:
+            raise ModelLoadError(
+                f"{path} lacks {len(absent)} tensor(s) the index assigns to it: {absent[:5]}"
+            )
+        shapes.update(found)
+    return shapes
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(str(k) for k in keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights_fit(
+    model: torch.nn.Module, where: Path, files: dict[str, tuple[int, ...]] | None, info: dict
+) -> None:
+    """Refuse a model whose weights do not fit its config; raises :class:`ModelLoadError`.
+
+    Two comparisons, both must pass. transformers' loading report (``info``, computed after its
+    own key renaming and ignore lists) names missing, unexpected and wrongly shaped tensors;
+    it only warns about them and initialises the missing ones at random. When the file's names
+    are the model's own (every folder ``save_pretrained`` wrote), ``files`` (the headers) is
+    also compared with ``model.state_dict()`` directly: every parameter must be in the file
+    with its shape, except tied copies (the LM head sharing the embedding's storage).
+    """
+    problems = []
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        shapes = "; ".join(
+            f"{k}: file {tuple(a)} vs config {tuple(b)}" for k, a, b in sorted(mismatched)[:5]
+        )
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({shapes})")
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    if files is not None:
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if set(files) <= set(state):  # the model's own names: compare directly
+            params = dict(model.named_parameters(remove_duplicate=False))
+            present = {id(params[k]) for k in files if k in params}
+            missing |= {k for k, p in params.items() if id(p) not in present}
+            if not mismatched:
+                wrong = [(k, s, state[k]) for k, s in files.items() if s != state[k]]
+                if wrong:
+                    shapes = "; ".join(f"{k}: file {a} vs config {b}" for k, a, b in wrong[:5])
+                    problems.append(f"{len(wrong)} tensor(s) of the wrong shape ({shapes})")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing ({_names(missing)})")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) the config has no place for ({_names(unexpected)})"
+        )
+    if problems:
+        raise ModelLoadError(
+            f"the weights in {where} do not fit its config.json: {'; '.join(problems)}. "
+            f"Was the folder assembled from different models, or edited by hand?"
+        )
 
 
 def load_model(
@@ -105,7 +275,18 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     src = resolve_model(arg)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    files = None
+    if src.is_local and not src.gguf_file:
+        _check_config_json(src.path)
+        files = weight_shapes(src.path)  # truncated or corrupt files fail here, by name
+    # Mismatched shapes are reported in the loading info (and refused below) instead of
+    # raising transformers' multi-line error.
+    kwargs: dict = {
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "output_loading_info": True,
+        "ignore_mismatched_sizes": True,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if src.gguf_file:
@@ -113,14 +294,11 @@ def load_model(
     else:
         kwargs["use_safetensors"] = True  # never fall back to pickle
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
-    except Exception as e:  # safetensors, json and torch all raise their own types
-        if not src.is_local:
-            raise _hub_error(arg, e) from e
-        raise ModelLoadError(
-            f"cannot load the model in {src.location}: {type(e).__name__}: {e}. "
-            f"Is the checkpoint complete and not corrupt?"
-        ) from e
+        model, info = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+    except Exception as e:  # safetensors, json, gguf and torch all raise their own types
+        raise _load_error(arg, src, "model", e) from e
+    if src.is_local:
+        check_weights_fit(model, src.path, files, info)
     if src.gguf_file and getattr(model.config, "quantization_config", None) is not None:
         # De-quantised already; drop the marker so the model can be saved and trained.
         del model.config.quantization_config
@@ -130,21 +308,75 @@ def load_model(
     return model
 
 
+# Files any of which makes a folder carry a tokenizer (fast, sentencepiece, BPE, WordPiece,
+# tiktoken). Without them transformers may build an EMPTY tokenizer from the config (GPT-2).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+)
+
+
+def has_tokenizer(arg: str) -> bool:
+    """Whether the model argument carries a tokenizer (a GGUF embeds one; a hub id is assumed
+    to)."""
+    src = resolve_model(arg)
+    if not src.is_local or src.gguf_file:
+        return True
+    return any((src.path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(arg: str, trust_remote_code: bool = False):
+    """The model's tokenizer; raises :class:`ModelLoadError` (also for a folder without one)."""
     from transformers import AutoTokenizer
 
     src = resolve_model(arg)
+    if not has_tokenizer(arg):
+        raise ModelLoadError(
+            f"{src.path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), and this "
+            f"command needs one to turn text into tokens (analyze, train, run, compare and eval "
+            f"do; inherit does not): copy the reference model's tokenizer files into it"
+        )
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:
         return AutoTokenizer.from_pretrained(src.location, **kwargs)
-    except (OSError, ValueError) as e:
-        if not src.is_local:
-            raise _hub_error(arg, e) from e
-        raise ModelLoadError(f"cannot load a tokenizer from {src.location}: {e}") from e
+    except Exception as e:  # tokenizer files are parsed by several libraries
+        raise _load_error(arg, src, "tokenizer", e) from e
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings and head counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def model_context(config) -> int | None:
+    """The longest input the model accepts, from its config, or None if it states none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config, seq_len: int, name: str = "seq_len") -> None:
+    """Refuse a ``--seq-len``-like flag (field ``name``) longer than the model's context.
+
+    Every command calls this right after :func:`load_config`, before any data is loaded, so an
+    over-long window is reported as such and not as a split that is too short for it.
+    """
+    from inheritune.config import ConfigError, flag
+
+    ctx = model_context(config)
+    if ctx is not None and seq_len > ctx:
+        raise ConfigError(
+            f"{flag(name)} {seq_len} is longer than the model's context ({ctx} tokens)"
+        )

@@ -30,35 +30,33 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from inheritune import analyze as analyze_mod
-from inheritune import assets, data, models, surgery
 from inheritune import checkpoint as ckpt
-from inheritune import train as train_mod
+from inheritune import data, distributed, inputs, losses, models, surgery
 from inheritune.arch import get_arch
 from inheritune.calibrate import calibrate_final_norm
 from inheritune.config import (
     ConfigError,
     check_positive,
     check_unit_interval,
-    dataclass_from_dict,
     flag,
+    flat_dict,
+    nested,
     save_resolved,
     to_dict,
 )
-from inheritune.report import measure_speeds, write_json_atomic, write_report
+from inheritune.report import build_report, measure_speeds, verdict_line, write_report
+from inheritune.train import TrainConfig, TrainResult, train_model
 
 STATE_FILE = "run_state.json"
 STATE_VERSION = 1
@@ -83,8 +81,6 @@ RESUMABLE_CHANGES = frozenset(
         "log_every",
     }
 )
-# TrainConfig fields the recipe sets itself for every round instead of mirroring them.
-SET_BY_RECIPE = frozenset({"model", "data", "out", "resume", "teacher", "steps"})
 
 
 def _h(text: str, **kw: Any) -> dict[str, Any]:
@@ -99,18 +95,22 @@ class RecipeConfig:
     names and meaning as ``inheritune train``'s flags.
     """
 
-    # -- what
-    model: str = field(
-        default=assets.DEFAULT_MODEL,
-        metadata=_h("reference model: default name, HF folder, .gguf file or hub id"),
+    train: TrainConfig = nested(  # noqa: RUF009 (nested() returns a dataclasses.field)
+        TrainConfig,
+        overrides={
+            "out": "runs/run",
+            "steps": 1000,
+            "warmup": 100,
+            "eval_every": 200,
+            "eval_tokens": 65536,
+            "save_every": 200,
+            "log_every": 10,
+        },
+        owned=("resume", "teacher"),
     )
-    data: str = field(
-        default=assets.DEFAULT_CORPUS,
-        metadata=_h("training corpus; its held-out last 5 percent is the validation split"),
-    )
-    out: str = field(
-        default="runs/run", metadata=_h("run folder (resumed when it holds an unfinished run)")
-    )
+    # ^ the training settings of every round, the same flat flags as `inheritune train`
+    # (--model is the reference, --out the run folder, --steps the paper's T per round, --seed
+    # also seeds the analysis windows); only the defaults above differ from train's.
 
     # -- step 1: analysis
     analysis: bool = field(
@@ -184,56 +184,6 @@ class RecipeConfig:
         metadata=_h("a round matches when its val loss <= target loss + tolerance (nats/token)"),
     )
 
-    # -- step 4: training of every round (same meaning as `inheritune train`)
-    steps: int = field(default=1000, metadata=_h("optimizer steps per round (the paper's T)"))
-    batch_size: int = field(
-        default=8,
-        metadata=_h("global sequences per optimizer step (split by grad_accum and processes)"),
-    )
-    seq_len: int = field(default=256, metadata=_h("tokens per training and validation window"))
-    grad_accum: int = field(default=1, metadata=_h("micro-batches per step (splits batch_size)"))
-    lr: float = field(default=3e-4, metadata=_h("peak learning rate"))
-    min_lr: float = field(default=1e-5, metadata=_h("final learning rate of the cosine schedule"))
-    warmup: int = field(default=100, metadata=_h("linear warm-up steps"))
-    weight_decay: float = field(default=0.1, metadata=_h("AdamW weight decay (matrices only)"))
-    grad_clip: float = field(default=1.0, metadata=_h("gradient-norm clip (0: off)"))
-    eval_every: int = field(default=200, metadata=_h("steps between validation evaluations"))
-    eval_tokens: int = field(
-        default=65536,
-        metadata=_h(
-            "validation tokens per evaluation (fixed windows, also used for the reference)"
-        ),
-    )
-    save_every: int = field(default=200, metadata=_h("steps between checkpoints"))
-    keep_last: int = field(default=2, metadata=_h("checkpoints kept per round"))
-    log_every: int = field(default=10, metadata=_h("steps between log lines"))
-    precision: str = field(
-        default="fp32", metadata={"help": "fp32, or bf16 autocast", "choices": ("fp32", "bf16")}
-    )
-    compile: bool = field(default=False, metadata=_h("torch.compile the model"))
-    seed: int = field(
-        default=0, metadata=_h("seed of initialisation, data order and analysis windows")
-    )
-    fsdp: bool = field(default=False, metadata=_h("shard with FSDP2 under torchrun (else DDP)"))
-    embed_lr_scale: float = field(
-        default=1.0, metadata=_h("learning-rate multiplier of the embeddings")
-    )
-    head_lr_scale: float = field(
-        default=1.0, metadata=_h("learning-rate multiplier of an untied LM head")
-    )
-    norm_lr_scale: float = field(default=1.0, metadata=_h("learning-rate multiplier of the norms"))
-    freeze: list[str] = field(
-        default_factory=list,
-        metadata=_h("comma list of parameter-name substrings or globs kept frozen"),
-    )
-    distill_alpha: float = field(
-        default=0.0,
-        metadata=_h(
-            "weight of the KL loss to the reference's logits (0: plain LM loss; paper KD: 0.4)"
-        ),
-    )
-    distill_temperature: float = field(default=1.0, metadata=_h("distillation temperature"))
-
     # -- report: inference speed
     speed_batch_size: int = field(default=8, metadata=_h("batch of the timed forward passes"))
     speed_seq_len: int | None = field(
@@ -244,13 +194,7 @@ class RecipeConfig:
         default=5, metadata=_h("timed forward passes (the median is reported)")
     )
 
-    trust_remote_code: bool = field(
-        default=False, metadata=_h("allow custom model code from the model folder")
-    )
-
     def __post_init__(self) -> None:
-        if isinstance(self.freeze, str):  # YAML may give one pattern as a plain string
-            self.freeze = [s for s in self.freeze.split(",") if s]
         self.init_depth = str(self.init_depth).strip()
         if self.init_depth not in ("half", "analysis") and (
             not self.init_depth.isdigit() or int(self.init_depth) < 1
@@ -261,25 +205,18 @@ class RecipeConfig:
             )
         if self.init_depth == "analysis" and not self.analysis:
             raise ConfigError("--init-depth analysis needs the analysis (drop --no-analysis)")
-        for name, value in (("growth", self.growth), ("target", self.target)):
-            choices = GROWTH_MODES if name == "growth" else TARGETS
-            if value not in choices:
+        for name, choices in (("growth", GROWTH_MODES), ("target", TARGETS)):
+            if getattr(self, name) not in choices:
                 raise ConfigError(
-                    f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"
+                    f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
         if self.parts not in surgery.PARTS:
             raise ConfigError(
                 f"--parts must be one of {', '.join(surgery.PARTS)}, got {self.parts!r}"
             )
-        for name in (
-            "grow_by",
-            "max_rounds",
-            "min_rounds",
-            "analysis_num_seqs",
-            "analysis_seq_len",
-        ):
+        for name in ("grow_by", "max_rounds", "min_rounds", "analysis_num_seqs"):
             check_positive(name, getattr(self, name))
-        for name in ("speed_batch_size", "speed_iters"):
+        for name in ("analysis_seq_len", "speed_batch_size", "speed_iters"):
             check_positive(name, getattr(self, name))
         check_positive("speed_warmup", self.speed_warmup, allow_zero=True)
         if self.speed_seq_len is not None:
@@ -293,44 +230,33 @@ class RecipeConfig:
         check_positive("tolerance", self.tolerance, allow_zero=True)
         check_unit_interval("tau", self.tau)
         check_unit_interval("eta", self.eta)
-        # The training settings are validated by TrainConfig itself, before anything heavy runs.
-        self.round_train_config(Path(self.out) / "rounds" / "check")
 
     # -- derived configs
 
-    def round_train_config(self, out: Path, model: str | None = None) -> train_mod.TrainConfig:
-        """The TrainConfig of one round (or of the trained reference) written into ``out``."""
-        names = {f.name for f in fields(train_mod.TrainConfig)}
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
-        values = {k: v for k, v in values.items() if k not in SET_BY_RECIPE}
-        values.update(model=model or self.model, data=self.data, out=str(out), steps=self.steps)
-        # An interrupted round continues from its own checkpoints; a new one starts fresh.
-        values["resume"] = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out)))
-        return dataclass_from_dict(
-            train_mod.TrainConfig, values, where="the recipe's training settings"
-        )
+    def round_train_config(self, out: Path, model: str | None = None) -> TrainConfig:
+        """The TrainConfig of one round (or of the trained reference) written into ``out``.
 
-    def eval_batch_size(self) -> int:
-        """The micro-batch the training loop evaluates with (one process)."""
-        return max(1, self.batch_size // self.grad_accum)
+        An interrupted round continues from its own checkpoints; a new one starts fresh.
+        """
+        resume = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out)))
+        return replace(self.train, model=model or self.train.model, out=str(out), resume=resume)
 
     def analyze_config(self, out: Path) -> analyze_mod.AnalyzeConfig:
         return analyze_mod.AnalyzeConfig(
-            model=self.model,
-            data=self.data,
+            model=self.train.model,
+            data=self.train.data,
             num_seqs=self.analysis_num_seqs,
             seq_len=self.analysis_seq_len,
             tau=self.tau,
             eta=self.eta,
-            seed=self.seed,
+            seed=self.train.seed,
             out=str(out),
-            trust_remote_code=self.trust_remote_code,
+            trust_remote_code=self.train.trust_remote_code,
         )
 
-    def fingerprint(self) -> str:
-        """Hash of every setting a finished round depends on (see RESUMABLE_CHANGES)."""
-        values = {k: v for k, v in to_dict(self).items() if k not in RESUMABLE_CHANGES}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    def spec(self) -> dict[str, Any]:
+        """Every setting a finished round depends on (see RESUMABLE_CHANGES)."""
+        return {k: v for k, v in flat_dict(self).items() if k not in RESUMABLE_CHANGES}
 
 
 # --------------------------------------------------------------------------- run state
@@ -341,8 +267,7 @@ class RunState:
     """What a run has finished; ``OUT/run_state.json``, rewritten atomically after each step."""
 
     path: Path
-    fingerprint: str
-    settings: dict[str, Any]
+    spec: dict[str, Any]
     analysis: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     trained_reference: dict[str, Any] | None = None
@@ -352,50 +277,38 @@ class RunState:
     @classmethod
     def open(cls, out: Path, cfg: RecipeConfig, write: bool = True) -> RunState:
         """The run state in ``out``: a new one, or the saved one if its settings match."""
-        path = out / STATE_FILE
-        fp = cfg.fingerprint()
-        settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
-        if not path.is_file():
-            return cls(path, fp, settings, write=write)
+        path, spec = out / STATE_FILE, cfg.spec()
         try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            saved = ckpt.read_cached(path, spec)
+        except ckpt.StaleCacheError:
+            old = json.loads(path.read_text()).get("spec", {})
+            diff = ", ".join(flag(k) for k in ckpt.spec_diff(old, spec))
+            raise ConfigError(
+                f"--out {out} holds a run made with different settings ({diff}); "
+                f"use the same settings to resume it, or choose another --out"
+            ) from None
+        except ckpt.CheckpointError as e:
             raise ConfigError(f"--out {out}: {STATE_FILE} is unreadable ({e})") from e
+        if saved is None:
+            return cls(path, spec, write=write)
         if saved.get("version") != STATE_VERSION:
             raise ConfigError(f"--out {out}: {STATE_FILE} has an unknown version")
-        if saved.get("fingerprint") != fp:
-            old = saved.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ConfigError(
-                f"--out {out} holds a run made with different settings ({', '.join(flag(k) for k in diff)}); "
-                f"use the same settings to resume it, or choose another --out"
-            )
-        return cls(
-            path,
-            fp,
-            settings,
-            analysis=saved.get("analysis"),
-            reference=saved.get("reference"),
-            trained_reference=saved.get("trained_reference"),
-            rounds=list(saved.get("rounds", [])),
-            write=write,
-        )
+        keys = ("analysis", "reference", "trained_reference")
+        state = cls(path, spec, **{k: saved.get(k) for k in keys}, write=write)
+        state.rounds = list(saved.get("rounds", []))
+        return state
 
     def save(self) -> None:
         if not self.write:
             return
-        write_json_atomic(
-            self.path,
-            {
-                "version": STATE_VERSION,
-                "fingerprint": self.fingerprint,
-                "settings": self.settings,
-                "analysis": self.analysis,
-                "reference": self.reference,
-                "trained_reference": self.trained_reference,
-                "rounds": self.rounds,
-            },
-        )
+        payload = {
+            "version": STATE_VERSION,
+            "analysis": self.analysis,
+            "reference": self.reference,
+            "trained_reference": self.trained_reference,
+            "rounds": self.rounds,
+        }
+        ckpt.write_cached(self.path, self.spec, payload)
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -470,7 +383,7 @@ def _round_dir(out: Path, round_no: int, depth: int) -> Path:
     return out / "rounds" / f"round-{round_no:02d}-L{depth}"
 
 
-def _eval_record(result: train_mod.TrainResult, out: Path) -> dict[str, Any]:
+def _eval_record(result: TrainResult, out: Path) -> dict[str, Any]:
     return {
         "steps": int(result.steps),
         "tokens": int(result.tokens),
@@ -497,29 +410,12 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _is_main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _device() -> torch.device:
-    from inheritune import distributed
-
-    return distributed.setup().device
-
-
 def _log(msg: str) -> None:
-    if _is_main():
+    if distributed.setup().is_main:
         print(f"[inheritune run] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- the recipe
+# --------------------------------------------------------------------------- the recipe's steps
 
 
 @dataclass
@@ -532,17 +428,36 @@ class RecipeResult:
     final_model: Path
 
 
-def _analysis_step(cfg: RecipeConfig, reference, tokens, out: Path, state: RunState) -> None:
+@dataclass
+class _Job:
+    """What every step of one invocation shares."""
+
+    cfg: RecipeConfig
+    out: Path
+    state: RunState
+    env: distributed.DistEnv
+    reference: torch.nn.Module
+    tokenizer: Any
+    tokens: data.Tokens
+    windows: Any  # the fixed validation windows of every round and the reference
+
+    @property
+    def num_layers(self) -> int:
+        return get_arch(self.reference).num_layers
+
+
+def _analysis_step(job: _Job) -> None:
     """Step 1, once per run: collapse metrics of the reference, plots in OUT/analysis."""
+    cfg, out, state = job.cfg, job.out, job.state
     if state.analysis is not None or not cfg.analysis:
         return
     acfg = cfg.analyze_config(out / "analysis")
-    ids = analyze_mod.sample_inputs(tokens.val, acfg)
+    ids = analyze_mod.sample_inputs(job.tokens.val, acfg)
     _log(f"step 1: analysing {acfg.num_seqs} windows x {acfg.seq_len} tokens")
-    result = analyze_mod.run_analysis(reference, ids, acfg, model_name=cfg.model)
-    result.data, result.seed = cfg.data, cfg.seed
+    result = analyze_mod.run_analysis(job.reference, ids, acfg, model_name=cfg.train.model)
+    result.data, result.seed = cfg.train.data, cfg.train.seed
     paths = {}
-    if _is_main():
+    if job.env.is_main:
         paths = analyze_mod.write_report(result, out / "analysis")
         save_resolved(acfg, out / "analysis" / "config.yaml")
         print(analyze_mod.summary_table(result), file=sys.stderr)
@@ -558,244 +473,200 @@ def _analysis_step(cfg: RecipeConfig, reference, tokens, out: Path, state: RunSt
     state.save()
 
 
-def _train_reference(cfg, reference, tokenizer, tokens, out: Path, state: RunState) -> None:
+def _reference_step(job: _Job) -> tuple[float, str]:
+    """Step 5's yardstick: the reference's own loss (once per run), and the target loss."""
+    cfg, state = job.cfg, job.state
+    if state.reference is None:
+        _log(
+            f"reference validation loss on {len(job.windows)} windows x {cfg.train.seq_len} tokens"
+        )
+        # Same windows, micro-batch and precision as the rounds' own evaluations.
+        with distributed.autocast(cfg.train.precision, job.env.device):
+            loss = losses.evaluate_loss(job.reference, job.windows, cfg.train.micro_batch())
+        state.reference = {
+            "layers": job.num_layers,
+            "parameters": models.count_parameters(job.reference),
+            "val_loss": float(loss),
+            "val_ppl": _ppl(loss),
+        }
+        state.save()
+    if cfg.target == "trained-reference":
+        _train_reference(job)
+        return state.trained_reference["val_loss"], "trained reference"
+    return state.reference["val_loss"], "reference (zero-shot)"
+
+
+def _train_reference(job: _Job) -> None:
     """Target 'trained-reference': the reference trained with the same budget as one round."""
-    if state.trained_reference is not None:
+    if job.state.trained_reference is not None:
         return
-    _log(f"training the reference for {cfg.steps} steps (the target to match)")
-    model = surgery.select_layers(reference, range(get_arch(reference).num_layers))
-    tcfg = cfg.round_train_config(out / "reference-trained")
-    result = _train(model, tokenizer, tokens, tcfg, None, "reference (trained)")
-    state.trained_reference = _eval_record(result, out)
-    state.save()
-    del model
+    _log(f"training the reference for {job.cfg.train.steps} steps (the target to match)")
+    model = surgery.select_layers(job.reference, range(job.num_layers))
+    tcfg = job.cfg.round_train_config(job.out / "reference-trained")
+    result = _train(job, model, tcfg, None, "reference (trained)")
+    job.state.trained_reference = _eval_record(result, job.out)
+    job.state.save()
 
 
-def _train(model, tokenizer, tokens, tcfg, teacher, desc: str) -> train_mod.TrainResult:
+def _train(job: _Job, model, tcfg: TrainConfig, teacher, desc: str) -> TrainResult:
     """One training run; a SIGINT/SIGTERM (checkpoint saved) ends the recipe to be resumed."""
     if tcfg.resume:
         _log(f"{desc}: resuming from the checkpoints in {tcfg.out}")
-    result = train_mod.train_model(model, tokenizer, tokens, tcfg, teacher=teacher, desc=desc)
+    result = train_model(model, job.tokenizer, job.tokens, tcfg, teacher=teacher, desc=desc)
     if result.interrupted:
         _log(f"{desc}: stopped at step {result.steps}; run the same command again to resume")
         raise SystemExit(128 + result.stop_signal)  # the shell convention for "killed by signal"
     return result
 
 
-def _calibrate(cfg, model, tokens, round_no: int) -> dict[str, float]:
+def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
     """Fit the final norm of a fresh target on a few training windows (inheritune.calibrate)."""
-    ids = data.sample_windows(tokens.train, cfg.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7)
+    cfg = job.cfg
+    n, seq = cfg.calibrate_windows, cfg.train.seq_len + 1
+    ids = data.sample_windows(job.tokens.train, n, seq, cfg.train.seed + 7)
     device = next(model.parameters()).device
     res = calibrate_final_norm(model, torch.from_numpy(ids).to(device), iters=cfg.calibrate_iters)
     _log(
         f"round {round_no}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
-        f"nats/token on {cfg.calibrate_windows} training windows ({res['seconds']:.0f} s)"
+        f"nats/token on {n} training windows ({res['seconds']:.0f} s)"
     )
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def _build_round_model(cfg, reference, depth: int, state: RunState, out: Path):
+def _build_round_model(job: _Job, depth: int):
     """Step 3 (and the growth of step 6): the model a round starts from."""
+    cfg, state = job.cfg, job.state
     prev = state.rounds[-1] if state.rounds else None
     if cfg.growth == "warm" and prev is not None:
         trained = models.load_model(
-            str(out / prev["model_dir"]), trust_remote_code=cfg.trust_remote_code
+            str(job.out / prev["model_dir"]), trust_remote_code=cfg.train.trust_remote_code
         )
-        model = warm_grow(trained, reference, depth, cfg.parts)
-        del trained
-        return model
-    return surgery.first_layers(reference, depth, parts=cfg.parts, seed=cfg.seed)
+        return warm_grow(trained, job.reference, depth, cfg.parts)
+    return surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
 
 
-def run(cfg: RecipeConfig) -> RecipeResult:
-    """The ``inheritune run`` command: Algorithm 1, resumable, with a report at the end."""
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    main = _is_main()
-    state = RunState.open(out, cfg, write=main)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out / "config.yaml")
-    _barrier()
+def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict[str, Any]:
+    """Steps 3-5 for one depth: build, (calibrate), train, compare; recorded in the run state."""
+    cfg = job.cfg
+    _log(f"round {round_no}: {depth} layers, {cfg.train.steps} steps ({cfg.growth})")
+    model = _build_round_model(job, depth)
+    rdir = _round_dir(job.out, round_no, depth)
+    calibration = None
+    if cfg.calibrate_iters > 0 and not (rdir / "checkpoints").exists():
+        calibration = _calibrate(job, model, round_no)
+    params = models.count_parameters(model)  # before training: FSDP shards in place
+    teacher = job.reference if cfg.train.distill_alpha > 0 else None
+    desc = f"round {round_no} ({depth} layers)"
+    result = _train(job, model, cfg.round_train_config(rdir), teacher, desc)
+    done = {"round": round_no, "layers": depth, "parameters": params}
+    done.update(_eval_record(result, job.out))
+    if calibration is not None:
+        done["calibration"] = calibration
+    done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
+    job.state.rounds.append(done)
+    job.state.save()
+    return done
 
-    # Cheap checks before any weights load: the config, the tokenizer, the data.
-    ref_config = models.load_config(cfg.model, cfg.trust_remote_code)
-    analyze_mod.check_seq_len(ref_config, cfg.seq_len)
-    if cfg.analysis:
-        analyze_mod.check_seq_len(ref_config, cfg.analysis_seq_len)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    tokens = data.load_tokens(cfg.data, tokenizer)
-    windows = train_mod.eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)
 
-    device = _device()
-    reference = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device)
-    num_layers = get_arch(reference).num_layers
-    ref_params = models.count_parameters(reference)
-
-    _analysis_step(cfg, reference, tokens, out, state)
-    init = choose_init_depth(cfg.init_depth, num_layers, state.analysis)
-    max_depth = resolve_max_depth(cfg.max_depth, num_layers, init)
-    _log(f"step 2: initial depth {init} of {num_layers} layers (--init-depth {cfg.init_depth})")
-
-    if state.reference is None:
-        _log(f"reference validation loss on {len(windows)} windows x {cfg.seq_len} tokens")
-        # Same windows, micro-batch and precision as the rounds' own evaluations.
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if cfg.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = train_mod.evaluate_loss(reference, windows, batch_size=cfg.eval_batch_size())
-        state.reference = {
-            "layers": num_layers,
-            "parameters": ref_params,
-            "val_loss": float(loss),
-            "val_ppl": _ppl(loss),
-        }
-        state.save()
-    if cfg.target == "trained-reference":
-        _train_reference(cfg, reference, tokenizer, tokens, out, state)
-        target_loss, target_label = state.trained_reference["val_loss"], "trained reference"
-    else:
-        target_loss, target_label = state.reference["val_loss"], "reference (zero-shot)"
-    _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
-
+def _rounds(job: _Job, init: int, max_depth: int, target_loss: float) -> tuple[list[dict], str]:
+    """Steps 3-6: train round after round until matched or out of budget."""
+    cfg, out = job.cfg, job.out
     depth: int | None = init
     round_no, stop_reason = 0, ""
     while depth is not None:
         round_no += 1
-        done = state.rounds[round_no - 1] if round_no <= len(state.rounds) else None
+        done = job.state.rounds[round_no - 1] if round_no <= len(job.state.rounds) else None
         if done is not None and done["layers"] != depth:
             raise ConfigError(
                 f"--out {out}: finished round {round_no} has {done['layers']} layers but this "
                 f"schedule asks for {depth}; use the same depth settings or another --out"
             )
         if done is None:
-            _log(f"round {round_no}: {depth} layers, {cfg.steps} steps ({cfg.growth})")
-            model = _build_round_model(cfg, reference, depth, state, out)
-            rdir = _round_dir(out, round_no, depth)
-            calibration = None
-            if cfg.calibrate_iters > 0 and not (rdir / "checkpoints").exists():
-                calibration = _calibrate(cfg, model, tokens, round_no)
-            params = models.count_parameters(model)  # before training: FSDP shards in place
-            teacher = reference if cfg.distill_alpha > 0 else None
-            tcfg = cfg.round_train_config(rdir)
-            result = _train(
-                model, tokenizer, tokens, tcfg, teacher, f"round {round_no} ({depth} layers)"
-            )
-            done = {
-                "round": round_no,
-                "layers": depth,
-                "parameters": params,
-                **_eval_record(result, out),
-            }
-            if calibration is not None:
-                done["calibration"] = calibration
-            done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
-            state.rounds.append(done)
-            state.save()
-            del model
+            done = _run_round(job, round_no, depth, target_loss)
         # Re-decided on every run, so a changed tolerance or budget takes effect on resume.
         done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
+        verdict = "matched" if done["matched"] else "worse"
         _log(
             f"round {round_no}: {depth} layers, val loss {done['val_loss']:.4f} vs target "
-            f"{target_loss:.4f}: {'matched' if done['matched'] else 'worse'}"
+            f"{target_loss:.4f}: {verdict}"
         )
         depth, stop_reason = next_step(round_no, depth, done["matched"], cfg, max_depth)
-    rounds = state.rounds[:round_no]
-    last = rounds[-1]
+    return job.state.rounds[:round_no], stop_reason
 
-    # Outputs: the final model, the speed comparison, the report.
-    final_dir = out / "final_model"
-    final = models.load_model(str(out / last["model_dir"]), trust_remote_code=cfg.trust_remote_code)
-    if main:
-        _copy_model_folder(out / last["model_dir"], final_dir, tokenizer)
-    final = final.to(device)
-    speed_len = cfg.speed_seq_len or cfg.seq_len
+
+def _final_model(job: _Job, last: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """OUT/final_model (an atomic copy of the last round's model) and its inference speed."""
+    cfg = job.cfg
+    src, final_dir = job.out / last["model_dir"], job.out / "final_model"
+    final = models.load_model(str(src), trust_remote_code=cfg.train.trust_remote_code)
+    if job.env.is_main:
+        ckpt.copy_model_folder(src, final_dir, job.tokenizer)
+    speed_len = cfg.speed_seq_len or cfg.train.seq_len
     _log(f"timing inference: batch {cfg.speed_batch_size} x {speed_len} tokens")
-    kw = {"warmup": cfg.speed_warmup, "iters": cfg.speed_iters, "seed": cfg.seed}
-    speeds = measure_speeds(
-        {"target": final, "reference": reference}, cfg.speed_batch_size, speed_len, **kw
-    )
-    t_speed, r_speed = speeds["target"], speeds["reference"]
-    saved = ref_params - last["parameters"]
-    report = {
-        "model": cfg.model,
-        "data": cfg.data,
-        "growth": cfg.growth,
-        "grow_by": cfg.grow_by,
-        "parts": cfg.parts,
-        "steps_per_round": cfg.steps,
-        "init_depth": {"mode": cfg.init_depth, "layers": init},
-        "max_depth": max_depth,
-        "reference": {**state.reference, "trained": state.trained_reference},
-        "target": {
-            "kind": cfg.target,
-            "label": target_label,
-            "val_loss": target_loss,
-            "tolerance": cfg.tolerance,
-            "eval_windows": len(windows),
-            "seq_len": cfg.seq_len,
-        },
-        "analysis": state.analysis,
-        "rounds": rounds,
-        "final": {
-            "round": last["round"],
-            "layers": last["layers"],
-            "parameters": last["parameters"],
-            "parameters_saved": saved,
-            "parameters_saved_pct": 100.0 * saved / ref_params,
-            "val_loss": last["val_loss"],
-            "val_ppl": last["val_ppl"],
-            "matched": last["matched"],
-            "stop_reason": stop_reason,
-            "model_dir": _rel(final_dir, out),
-            "speed": {
-                "device": str(device),
-                "batch_size": cfg.speed_batch_size,
-                "seq_len": speed_len,
-                "iters": cfg.speed_iters,
-                "warmup": cfg.speed_warmup,
-                "target_tokens_per_s": t_speed["tokens_per_s"],
-                "reference_tokens_per_s": r_speed["tokens_per_s"],
-                "speedup": t_speed["tokens_per_s"] / r_speed["tokens_per_s"],
-            },
-        },
-        "total": {
-            "rounds": len(rounds),
-            "tokens": sum(r["tokens"] for r in rounds),
-            "wall_s": sum(r["wall_s"] for r in rounds),
-            "this_invocation_s": time.perf_counter() - t_start,
-        },
-        "config_file": "config.yaml",
+    kw = {"warmup": cfg.speed_warmup, "iters": cfg.speed_iters, "seed": cfg.train.seed}
+    pair = {"target": final.to(job.env.device), "reference": job.reference}
+    speeds = measure_speeds(pair, cfg.speed_batch_size, speed_len, **kw)
+    speed = {
+        "device": str(job.env.device),
+        "batch_size": cfg.speed_batch_size,
+        "seq_len": speed_len,
+        "iters": cfg.speed_iters,
+        "warmup": cfg.speed_warmup,
+        "target_tokens_per_s": speeds["target"]["tokens_per_s"],
+        "reference_tokens_per_s": speeds["reference"]["tokens_per_s"],
+        "speedup": speeds["target"]["tokens_per_s"] / speeds["reference"]["tokens_per_s"],
     }
+    return final_dir, speed
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run(cfg: RecipeConfig) -> RecipeResult:
+    """The ``inheritune run`` command: Algorithm 1, resumable, with a report at the end."""
+    t_start = time.perf_counter()
+    out, env = Path(cfg.train.out), distributed.setup()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    state = RunState.open(out, cfg, write=env.is_main)
+    # Cheap checks before any weights load: the config, the tokenizer, the data.
+    seq_lens = [cfg.train.seq_len] + ([cfg.analysis_seq_len] if cfg.analysis else [])
+    loaded = inputs.load(
+        cfg.train.model,
+        cfg.train.data,
+        device="auto",
+        trust_remote_code=cfg.train.trust_remote_code,
+        seq_lens=seq_lens,
+    )
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out / "config.yaml")
+    distributed.barrier(env)
+    windows = data.eval_windows(loaded.tokens, cfg.train.seq_len, cfg.train.eval_tokens)
+    job = _Job(cfg, out, state, env, loaded.model, loaded.tokenizer, loaded.tokens, windows)
+
+    _analysis_step(job)
+    init = choose_init_depth(cfg.init_depth, job.num_layers, state.analysis)
+    max_depth = resolve_max_depth(cfg.max_depth, job.num_layers, init)
+    _log(f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth {cfg.init_depth})")
+    target_loss, target_label = _reference_step(job)
+    _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
+    rounds, stop_reason = _rounds(job, init, max_depth, target_loss)
+    final_dir, speed = _final_model(job, rounds[-1])
+    report = build_report(
+        cfg=to_dict(cfg),
+        state={"reference": state.reference, "trained_reference": state.trained_reference},
+        analysis=state.analysis,
+        rounds=rounds,
+        target={"kind": cfg.target, "label": target_label, "val_loss": target_loss},
+        depths={"init_mode": cfg.init_depth, "init": init, "max": max_depth},
+        eval_windows=len(windows),
+        final={"stop_reason": stop_reason, "model_dir": _rel(final_dir, out), "speed": speed},
+        seconds=time.perf_counter() - t_start,
+    )
     md = out / "report.md"
-    if main:
+    if env.is_main:
         md = write_report(report, out)
-        verdict = "matched" if last["matched"] else "did not match"
-        print(
-            f"inheritune run: {last['layers']}-layer target {verdict} the {target_label} "
-            f"({last['val_loss']:.4f} vs {target_loss:.4f}); "
-            f"{100.0 * saved / ref_params:.1f}% fewer parameters, "
-            f"{report['final']['speed']['speedup']:.2f}x inference speed.\n"
-            f"report: {md}\nfinal model: {final_dir}"
-        )
-    _barrier()
+        print(verdict_line(report) + f"\nreport: {md}\nfinal model: {final_dir}")
+    distributed.barrier(env)
     return RecipeResult(out, report, md, final_dir)
-
-
-def _copy_model_folder(src: Path, dst: Path, tokenizer) -> None:
-    """Copy the last round's model folder to OUT/final_model (model files and tokenizer only)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in src.iterdir():
-        if p.is_file() and not p.name.startswith(("optimizer", "rng", "trainer_state", "manifest")):
-            shutil.copy2(p, tmp / p.name)
-    if not (tmp / "tokenizer_config.json").is_file():
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)

@@ -3,13 +3,12 @@
 :mod:`inheritune.recipe` gathers one plain dict (the JSON report) and hands it to
 :func:`write_report`, which writes ``report.json``, one PNG with every round's validation curve
 against the target loss, and ``report.md`` (a table of the reference and the rounds, the
-analysis plots and the curves). :func:`measure_speed` times forward passes so the report can say
+analysis plots and the curves). :func:`measure_speeds` times forward passes so the report can say
 how much faster the smaller model is *on this machine*, not only how much smaller.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -19,19 +18,78 @@ from typing import Any
 import torch
 
 from inheritune import plots
-from inheritune.checkpoint import atomic_write_text
+from inheritune.checkpoint import atomic_write_json
+from inheritune.mergekit import LAYER_NUMBERING
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temporary sibling and an atomic rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
-    return path
+def build_report(
+    cfg: dict[str, Any],
+    state: dict[str, Any],
+    analysis: dict[str, Any] | None,
+    rounds: list[dict[str, Any]],
+    target: dict[str, Any],
+    depths: dict[str, Any],
+    eval_windows: int,
+    final: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The report.json dict of a recipe run (``cfg`` is the resolved RecipeConfig as a dict)."""
+    train, ref, last = cfg["train"], state["reference"], rounds[-1]
+    saved = ref["parameters"] - last["parameters"]
+    return {
+        "model": train["model"],
+        "data": train["data"],
+        "layer_numbering": LAYER_NUMBERING,
+        "growth": cfg["growth"],
+        "grow_by": cfg["grow_by"],
+        "parts": cfg["parts"],
+        "steps_per_round": train["steps"],
+        "init_depth": {"mode": depths["init_mode"], "layers": depths["init"]},
+        "max_depth": depths["max"],
+        "reference": {**ref, "trained": state["trained_reference"]},
+        "target": {
+            **target,
+            "tolerance": cfg["tolerance"],
+            "eval_windows": eval_windows,
+            "seq_len": train["seq_len"],
+        },
+        "analysis": analysis,
+        "rounds": rounds,
+        "final": {
+            "round": last["round"],
+            "layers": last["layers"],
+            "parameters": last["parameters"],
+            "parameters_saved": saved,
+            "parameters_saved_pct": 100.0 * saved / ref["parameters"],
+            "val_loss": last["val_loss"],
+            "val_ppl": last["val_ppl"],
+            "matched": last["matched"],
+            **final,
+        },
+        "total": {
+            "rounds": len(rounds),
+            "tokens": sum(r["tokens"] for r in rounds),
+            "wall_s": sum(r["wall_s"] for r in rounds),
+            "this_invocation_s": seconds,
+        },
+        "config_file": "config.yaml",
+    }
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    """The one-line outcome printed at the end of ``inheritune run``."""
+    final, target = report["final"], report["target"]
+    verdict = "matched" if final["matched"] else "did not match"
+    return (
+        f"inheritune run: {final['layers']}-layer target {verdict} the {target['label']} "
+        f"({final['val_loss']:.4f} vs {target['val_loss']:.4f}); "
+        f"{final['parameters_saved_pct']:.1f}% fewer parameters, "
+        f"{final['speed']['speedup']:.2f}x inference speed."
+    )
 
 
 @torch.inference_mode()
@@ -92,11 +150,6 @@ def measure_speeds(
             "tokens_per_s": batch_size * seq_len / median,
         }
     return out
-
-
-def measure_speed(model: torch.nn.Module, batch_size: int, seq_len: int, **kw) -> dict[str, float]:
-    """:func:`measure_speeds` for one model."""
-    return measure_speeds({"model": model}, batch_size, seq_len, **kw)["model"]
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -226,7 +279,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     report = dict(report, curves_png=CURVES_PNG)
     plot_rounds(report, out / CURVES_PNG)
-    write_json_atomic(out / REPORT_JSON, report)
+    atomic_write_json(out / REPORT_JSON, report)
     md = out / REPORT_MD
     md.write_text(render_markdown(report))
     return md

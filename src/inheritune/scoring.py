@@ -1,20 +1,26 @@
 """Layer-importance scores used by the pruning-style baselines of ``inheritune compare``.
 
-Two published ways to pick which layers of a pretrained model to drop, as pure functions:
+Published ways to pick which layers of a pretrained model to drop, as pure functions, each as
+its paper defines it:
 
 * **Block Influence** (ShortGPT, Men et al. 2024, arXiv 2403.03853): for block ``i`` with input
   hidden state ``x_i`` and output ``x_{i+1}``, ``BI_i = 1 - E_t[cos(x_i[t], x_{i+1}[t])]``
-  averaged over every token of the calibration windows. A block that barely changes its input
-  (BI near 0) is the first to drop: :func:`lowest_bi_drop`.
+  averaged over every token of the calibration windows (ShortGPT averages over tokens).
+  A block that barely changes its input (BI near 0) is the first to drop: :func:`lowest_bi_drop`.
 * **Angular distance** (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
-  Layers", arXiv 2403.17887): ``d(i, n) = E_t[arccos(cos(x_i[t], x_{i+n}[t])) / pi]`` between the
-  input of block ``i`` and the input of block ``i + n`` (the output of the last block when
-  ``i + n = L``). The contiguous block of ``n`` layers starting at the ``i`` minimising it is
-  dropped: :func:`best_block_drop`. Gromov et al. measure on the last token only; we average
-  over all tokens, as for BI, so both scores see the same calibration data.
+  Layers", arXiv 2403.17887): ``d(i, n) = arccos(cos(x_i[T], x_{i+n}[T])) / pi`` between
+  the input of block ``i`` and the input of block ``i + n`` (the output of the last block when
+  ``i + n = L``) at the **last token** ``T`` of each sequence, averaged over sequences
+  (``tokens="last"``, the default; PruneMe does the same). ``tokens="all"`` averages over every
+  token instead, as for BI. The contiguous block of ``n`` layers starting at the ``i``
+  minimising it is dropped: :func:`best_block_drop`.
+* **Keep the last layer** (Gromov et al.'s simpler heuristic): drop the deepest layers but the
+  final one, keeping ``0..l-2`` and ``L-1``: :func:`keep_last_drop`.
 
-Hidden states are captured with hooks on the decoder blocks (:func:`block_states`), so they are
-exactly what enters and leaves each block, before any final norm, in every supported family.
+The scores are computed from hidden states (``*_from_states``, pure and hand-checkable) that
+:func:`block_states` captures with hooks on the decoder blocks, so they are exactly what enters
+and leaves each block, before any final norm, in every supported family. The calibration windows
+are fixed-length token windows (no padding), so the last position is each sequence's last token.
 """
 
 from __future__ import annotations
@@ -84,32 +90,64 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
 
 
-def block_influence(
-    model: nn.Module, input_ids: np.ndarray | torch.Tensor, batch_size: int = 8
-) -> np.ndarray:
-    """ShortGPT Block Influence of every block, (L,): 1 - mean token cosine(input, output)."""
-    states = block_states(model, input_ids, batch_size)
+ANGULAR_TOKENS = ("last", "all")
+
+
+def block_influence_from_states(states: Sequence[torch.Tensor]) -> np.ndarray:
+    """ShortGPT Block Influence from the L + 1 states of :func:`block_states`, (L,).
+
+    ``BI_i = 1 - mean over every (sequence, token) of cos(states[i], states[i + 1])``.
+    """
     return np.array(
         [1.0 - _mean_cos(states[i], states[i + 1]).mean().item() for i in range(len(states) - 1)]
     )
 
 
+def angular_distances_from_states(
+    states: Sequence[torch.Tensor], n: int, tokens: str = "last"
+) -> np.ndarray:
+    """Angular distance from states[i] to states[i + n] for every i, (L - n + 1,), in [0, 1].
+
+    Entry ``i`` is ``mean arccos(cos(x_i, x_{i+n})) / pi`` over the sequences at their last token
+    (``tokens="last"``, Gromov et al.) or over every (sequence, token) (``tokens="all"``).
+    """
+    if tokens not in ANGULAR_TOKENS:
+        raise ConfigError(
+            f"--angular-tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {tokens!r}"
+        )
+    L = len(states) - 1
+    if not 1 <= n <= L:
+        raise ConfigError(f"angular distance span n must be in [1, {L}] (the layer count), got {n}")
+    pick = (lambda h: h[:, -1:]) if tokens == "last" else (lambda h: h)  # (N, 1, D) or (N, T, D)
+    out = []
+    for i in range(L - n + 1):
+        cos = _mean_cos(pick(states[i]), pick(states[i + n])).clamp(-1.0, 1.0)
+        out.append((torch.arccos(cos) / torch.pi).mean().item())
+    return np.array(out)
+
+
+def block_influence(
+    model: nn.Module, input_ids: np.ndarray | torch.Tensor, batch_size: int = 8
+) -> np.ndarray:
+    """ShortGPT Block Influence of every block of ``model``, (L,): 1 - mean token cosine."""
+    return block_influence_from_states(block_states(model, input_ids, batch_size))
+
+
 def angular_distances(
-    model: nn.Module, input_ids: np.ndarray | torch.Tensor, n: int, batch_size: int = 8
+    model: nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    n: int,
+    batch_size: int = 8,
+    tokens: str = "last",
 ) -> np.ndarray:
     """Gromov et al. angular distance from the input of block i to that of block i + n, (L-n+1,).
 
-    Entry ``i`` is ``mean_t arccos(cos(x_i[t], x_{i+n}[t])) / pi``, in [0, 1].
+    See :func:`angular_distances_from_states` for ``tokens``.
     """
     L = get_arch(model).num_layers
-    if not 1 <= n <= L:
+    if not 1 <= n <= L:  # checked here too so a bad span fails before the forward passes
         raise ConfigError(f"angular distance span n must be in [1, {L}] (the layer count), got {n}")
-    states = block_states(model, input_ids, batch_size)
-    out = []
-    for i in range(L - n + 1):
-        cos = _mean_cos(states[i], states[i + n]).clamp(-1.0, 1.0)
-        out.append((torch.arccos(cos) / torch.pi).mean().item())
-    return np.array(out)
+    return angular_distances_from_states(block_states(model, input_ids, batch_size), n, tokens)
 
 
 def lowest_score_drop(scores: Sequence[float] | np.ndarray, k: int, prefer_deep: bool = False):
@@ -141,3 +179,13 @@ def best_block_drop(dist: Sequence[float] | np.ndarray, n: int) -> list[int]:
         raise ConfigError(f"cannot drop a block of {n} layers from distances of length {len(d)}")
     start = int(np.argmin(d))
     return list(range(start, start + n))
+
+
+def keep_last_drop(num_layers: int, k: int) -> list[int]:
+    """Gromov et al.'s heuristic: drop the ``k`` deepest layers but the final one, ascending.
+
+    The kept layers are ``0..L-k-2`` and ``L-1``: e.g. L = 6, k = 2 drops [3, 4].
+    """
+    if not 0 <= k < num_layers:
+        raise ConfigError(f"cannot drop {k} of {num_layers} layers and keep the last one")
+    return list(range(num_layers - 1 - k, num_layers - 1))

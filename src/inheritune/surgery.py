@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inheritune.arch import SUPPORTED, UnsupportedModelError, get_arch
+from inheritune.arch import UnsupportedModelError, get_arch
 from inheritune.config import ConfigError, save_resolved
 
 PARTS = ("block", "attn", "mlp", "attn+mlp")
@@ -46,9 +46,9 @@ _INHERITED = {
     "mlp": {"mlp"},
     "attn+mlp": {"attn", "mlp"},
 }
-# Config entries that hold one value per layer, beyond any list attribute whose name mentions
-# "layer" and whose length is the depth (e.g. ``layer_types``, ``no_rope_layers``).
-_PER_LAYER_LISTS = frozenset({"layer_types", "no_rope_layers", "layers_block_type"})
+# Any config list as long as the depth holds one value per layer (``layer_types``,
+# ``no_rope_layers``, ...) -- except these, which only happen to have that length.
+_NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "forced_decoder_ids"})
 # Config entries listing layer indices (Qwen2-MoE: dense-MLP layers): remapped to new positions.
 _LAYER_INDEX_LISTS = frozenset({"mlp_only_layers"})
 # Config thresholds "layers with index < t are special" (Qwen2: layers >= max_window_layers use
@@ -59,6 +59,8 @@ _WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "word_embed_proj_dim
 # Fused q|k|v projections laid out as three consecutive blocks along the last dim (GPT-2 Conv1D).
 # GPT-NeoX's query_key_value is interleaved per head instead, so a plain prefix slice is right.
 _FUSED_QKV = {"gpt2": re.compile(r"\.attn\.c_attn\.(weight|bias)$")}
+# Families whose weight layouts half_width knows how to slice (tested in tests/test_surgery.py).
+_HALF_WIDTH = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt")
 
 
 # --------------------------------------------------------------------------- selections
@@ -122,10 +124,10 @@ def _num_layers(config) -> int:
 def resize_config(config, indices: Sequence[int]):
     """A copy of ``config`` whose layer j is the reference's layer ``indices[j]``.
 
-    Sets the depth and re-sizes every per-layer entry: lists with one value per layer are
-    gathered, lists of layer indices are renumbered, and "first t layers" thresholds become the
-    number of kept layers below t. (Attention modules' ``layer_idx`` -- used by KV caches -- is
-    renumbered 0..K-1 simply because the new model is constructed fresh from this config.)
+    Sets the depth and re-sizes every per-layer entry: any list as long as the depth is taken
+    to hold one value per layer and gathered (token-id lists excepted), lists of layer indices
+    are renumbered, and "first t layers" thresholds become the number of kept layers below t.
+    (Attention modules' ``layer_idx`` is renumbered by :func:`select_layers`.)
     """
     old_n, new = _num_layers(config), copy.deepcopy(config)
     new.num_hidden_layers = len(indices)
@@ -134,7 +136,7 @@ def resize_config(config, indices: Sequence[int]):
             continue
         if key in _LAYER_INDEX_LISTS:
             setattr(new, key, [j for j, i in enumerate(indices) if i in set(value)])
-        elif len(value) == old_n and (key in _PER_LAYER_LISTS or "layer" in key):
+        elif len(value) == old_n and key not in _NOT_PER_LAYER and "token" not in key:
             setattr(new, key, type(value)(value[i] for i in indices))
     for key in _LAYER_THRESHOLDS:
         t = getattr(config, key, None)
@@ -240,7 +242,21 @@ def select_layers(
             else:
                 fresh.add(f"{prefix}{j}.{rest}")
     config = resize_config(model.config, indices)
-    return _build(config, state, fresh=frozenset(fresh), seed=seed, dtype=_dtype(model), like=model)
+    new = _build(config, state, fresh=frozenset(fresh), seed=seed, dtype=_dtype(model), like=model)
+    _renumber_layer_idx(new)
+    return new
+
+
+def _renumber_layer_idx(model: nn.Module) -> None:
+    """Set ``layer_idx`` (KV caches index layers by it) of every module in block j to j.
+
+    Families build their blocks with ``layer_idx=i``, so a fresh model already counts 0..K-1;
+    this makes it hold for any family, whatever module keeps the index.
+    """
+    for j, block in enumerate(get_arch(model).layers):
+        for mod in block.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = j
 
 
 def _part(arch, model: nn.Module, i: int, name: str) -> str:
@@ -313,9 +329,9 @@ def half_width(model: nn.Module) -> nn.Module:
     """
     get_arch(model)  # a clear error for anything but a causal LM
     config = model.config
-    if config.model_type not in SUPPORTED:
+    if config.model_type not in _HALF_WIDTH:
         raise UnsupportedModelError(
-            f"half_width knows the weight layouts of {', '.join(SUPPORTED)}; "
+            f"half_width knows the weight layouts of {', '.join(_HALF_WIDTH)}; "
             f"{type(model).__name__} (model_type={config.model_type!r}) is not one of them"
         )
     new = _half_config(config)
@@ -384,8 +400,14 @@ class InheritConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "let transformers run the model repo's own code"}
     )
+    export_mergekit: str | None = field(
+        default=None,
+        metadata={"help": "also write the selection as a mergekit passthrough slices YAML FILE"},
+    )
 
     def __post_init__(self) -> None:
+        if self.export_mergekit and self.parts != "block":  # mergekit copies whole layers
+            raise ConfigError(f"--export-mergekit needs --parts block, got {self.parts!r}")
         if (self.num_layers is None) == (self.layers is None):
             raise ConfigError("give exactly one of --num-layers K or --layers SPEC")
         if self.num_layers is not None and self.num_layers < 1:
@@ -403,30 +425,47 @@ def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
 
 
 def inherit(cfg: InheritConfig) -> Path:
-    """Write the target as an HF folder (+ tokenizer, inheritune.yaml, provenance.json)."""
-    from inheritune import __version__
-    from inheritune.models import count_parameters, load_config, load_model, load_tokenizer
+    """Write the target as an HF folder (+ tokenizer if the reference has one, inheritune.yaml,
+    provenance.json). No tokenizer is needed: only weights are copied."""
+    from inheritune import __version__, mergekit
+    from inheritune.models import (
+        count_parameters,
+        has_tokenizer,
+        load_config,
+        load_model,
+        load_tokenizer,
+    )
 
     # Check the selection against the reference's config before loading any weights.
-    indices = resolve_indices(cfg, _num_layers(load_config(cfg.model, cfg.trust_remote_code)))
+    ref_config = load_config(cfg.model, cfg.trust_remote_code)
+    indices = resolve_indices(cfg, _num_layers(ref_config))
+    if cfg.export_mergekit:
+        mk_source = mergekit.source_name(cfg.model)  # a .gguf is refused here, before the work
+        mergekit.check_path(cfg.export_mergekit)
     ref = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out)
-    load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(out)
+    if has_tokenizer(cfg.model):
+        load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(out)
     save_resolved(cfg, out / "inheritune.yaml")
     provenance = {
         "reference": cfg.model,
         "reference_class": type(ref).__name__,
         "reference_layers": get_arch(ref).num_layers,
         "kept_layers": indices,
+        "layer_numbering": mergekit.LAYER_NUMBERING,
         "parts": cfg.parts,
         "seed": cfg.seed,
         "parameters": {"reference": count_parameters(ref), "target": count_parameters(target)},
         "inheritune_version": __version__,
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if cfg.export_mergekit:
+        mk = mergekit.slices_from_layers(mk_source, indices, mergekit.config_dtype(ref_config))
+        note = f"inheritune inherit: reference layers {indices} ({mergekit.LAYER_NUMBERING})"
+        print(f"mergekit config: {mergekit.write_config(cfg.export_mergekit, mk, [note])}")
     print(
         f"inherited {len(indices)} of {provenance['reference_layers']} layers of {cfg.model} "
         f"({provenance['parameters']['target']:,} of {provenance['parameters']['reference']:,} "

@@ -1,0 +1,443 @@
+"""A bridge block: one extra decoder block that carries the inherited stack to the head's input.
+
+The first l blocks of a reference end in a residual stream h_l that the reference's final norm
+and head were never trained to read: they read h_L, the stream after all L blocks. On SmolLM2 the
+first 15 of 30 layers start at ~20 nats/token as inherited and ~7.2 after refitting the final
+norm's gain (benchmarks/results/recovery.md); an unrestricted linear map h_l -> h_L before the
+final norm would reach ~5.1, but it cannot be folded into standard weights (the skip path is
+unnormalised). A bridge gives that map a body of the reference's own class: one decoder block
+appended after the l inherited ones (LLM-Streamline, ICLR 2025, replaces a pruned span by one
+trained layer), fitted on cached activations to reproduce h_L from h_l, then the final norm's gain
+refitted (:mod:`inheritune.calibrate`). The result is a standard checkpoint with l + 1 layers.
+
+Usage::
+
+    ref = models.load_model("smollm2-135m")
+    ids = data.sample_windows(tokens.train, 64, 128, seed=0)          # (64, 128) calibration
+    model, stats = build_bridged(ref, 15, ids, BridgeConfig(bridge="block"))
+    model.save_pretrained("runs/smol15-bridge")                         # 16 layers, plain HF
+
+The pieces are separate functions: :func:`collect_states` (one reference forward with hooks),
+:func:`fit_linear_map` (the closed-form reference point), :func:`add_bridge_block` (surgery),
+:func:`fit_bridge` (AdamW on the bridge block alone, the blocks below never run again).
+
+Fit loss: next-token prediction only sees each token's direction after the final norm, so the
+loss is scale-invariant, 1 - cosine between the bridge's output and h_L per token, each first
+normalised as the final norm would (mean removed for LayerNorm families) and weighted per channel
+by the reference's final-norm gain, so channels count as much as the head reads them. Position 0
+is left out: it is the attention sink, whose stream has a huge norm and carries no prediction
+that matters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inheritune.arch import UnsupportedModelError, get_arch
+from inheritune.config import ConfigError, check_positive, flag
+
+BRIDGES = ("none", "block")
+# Which reference block the bridge starts as: "last" = block L-1 (it writes h_L, the stream the
+# head reads), "next" = block l (the one that followed the inherited stack), "repeat" = block
+# l-1 again.
+BRIDGE_INITS = ("last", "next", "repeat")
+
+
+def _h(text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": text, **kw}
+
+
+@dataclass
+class BridgeConfig:
+    """How the bridge block is built and fitted (``--bridge block``); mirrored flat by the
+    configs of ``inherit`` (and ``run`` / ``compare``): :func:`bridge_config` reads them back."""
+
+    bridge: str = field(
+        default="none",
+        metadata=_h(
+            "none: the inherited stack as is; block: one extra decoder block after the l "
+            "inherited ones, fitted to reproduce the reference's last hidden state, then the "
+            "final norm refitted (a standard checkpoint with l + 1 layers)",
+            choices=BRIDGES,
+        ),
+    )
+    bridge_init: str = field(
+        default="last",
+        metadata=_h(
+            "reference block the bridge starts from: last (block L-1), next (block l), repeat "
+            "(block l-1)",
+            choices=BRIDGE_INITS,
+        ),
+    )
+    calib_tokens: int = field(
+        default=8192, metadata=_h("training-split tokens whose activations fit the bridge")
+    )
+    calib_seq_len: int = field(default=128, metadata=_h("tokens per calibration window"))
+    bridge_steps: int = field(default=300, metadata=_h("AdamW steps fitting the bridge block"))
+    bridge_lr: float = field(default=1e-3, metadata=_h("peak learning rate of the bridge fit"))
+    bridge_batch: int = field(default=8, metadata=_h("calibration windows per bridge step"))
+    norm_iters: int = field(
+        default=20, metadata=_h("L-BFGS iterations refitting the final norm after the bridge")
+    )
+    norm_windows: int = field(
+        default=4, metadata=_h("calibration windows used by the final-norm refit")
+    )
+
+    def __post_init__(self) -> None:
+        if self.bridge not in BRIDGES:
+            raise ConfigError(f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
+        if self.bridge_init not in BRIDGE_INITS:
+            raise ConfigError(
+                f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {self.bridge_init!r}"
+            )
+        check_positive("calib_seq_len", self.calib_seq_len)
+        if self.calib_seq_len < 2:
+            raise ConfigError(f"--calib-seq-len must be >= 2, got {self.calib_seq_len}")
+        if self.calib_tokens < 2 * self.calib_seq_len:
+            raise ConfigError(
+                f"--calib-tokens {self.calib_tokens} gives fewer than 2 windows of "
+                f"--calib-seq-len {self.calib_seq_len} (one is held out to check the fit)"
+            )
+        check_positive("bridge_steps", self.bridge_steps, allow_zero=True)
+        check_positive("bridge_lr", self.bridge_lr)
+        check_positive("bridge_batch", self.bridge_batch)
+        check_positive("norm_iters", self.norm_iters, allow_zero=True)
+        check_positive("norm_windows", self.norm_windows)
+
+    @property
+    def calib_windows(self) -> int:
+        return self.calib_tokens // self.calib_seq_len
+
+
+def bridge_config(cfg: Any) -> BridgeConfig:
+    """The :class:`BridgeConfig` held flat in another config (same field names)."""
+    return BridgeConfig(**{f.name: getattr(cfg, f.name) for f in fields(BridgeConfig)})
+
+
+def mirror(name: str) -> Any:
+    """A dataclass ``field`` with the default and help of BridgeConfig's field ``name``, so a
+    flat config (``InheritConfig``) can carry the bridge settings without restating them."""
+    (f,) = [f for f in fields(BridgeConfig) if f.name == name]
+    return field(default=f.default, metadata=dict(f.metadata))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early once what it needed has been seen."""
+
+
+def _tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def collect_states(
+    reference: nn.Module, windows: torch.Tensor | np.ndarray, l: int, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_l, h_L), each (n, T, D) float32: the stream after the reference's first ``l`` blocks and
+    after all of them (the final norm's input), on token ``windows`` (n, T). One forward per
+    batch, blocks only (the head never runs)."""
+    arch = get_arch(reference)
+    if arch.final_norm is None:
+        raise UnsupportedModelError(
+            f"{type(reference).__name__} has no final norm; a bridge needs one"
+        )
+    if not 1 <= l < arch.num_layers:
+        raise ConfigError(
+            f"a bridge needs 1 <= l < {arch.num_layers} (the reference's depth), got l = {l}"
+        )
+    ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    device = next(reference.parameters()).device
+    low: list[torch.Tensor] = []
+    high: list[torch.Tensor] = []
+
+    def take_low(mod, args, out):
+        low.append(_tensor(out).detach().float().cpu())
+
+    def take_high(mod, args):
+        high.append(args[0].detach().float().cpu())
+        raise _Stop  # the final norm itself is not needed
+
+    hooks = [
+        arch.layers[l - 1].register_forward_hook(take_low),
+        arch.final_norm.register_forward_pre_hook(take_high),
+    ]
+    was_training = reference.training
+    reference.eval()
+    try:
+        for s in range(0, len(ids), batch_size):
+            try:
+                reference.base_model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+        reference.train(was_training)
+    return torch.cat(low), torch.cat(high)
+
+
+def _normalise(x: torch.Tensor, center: bool) -> torch.Tensor:
+    """Per-token direction as the final norm sees it: mean removed (LayerNorm), unit RMS."""
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
+def _centers(model: nn.Module) -> bool:
+    return isinstance(get_arch(model).final_norm, nn.LayerNorm)
+
+
+def _gain(model: nn.Module) -> torch.Tensor:
+    """|final-norm gain| of ``model`` (ones when the norm has no weight): per-channel weights."""
+    w = getattr(get_arch(model).final_norm, "weight", None)
+    if w is None:
+        return torch.ones(get_arch(model).embed.weight.shape[-1])
+    return w.detach().float().abs().cpu()
+
+
+def fit_linear_map(
+    h_l: torch.Tensor, h_L: torch.Tensor, center: bool = False, ridge: float = 1e-4
+) -> tuple[torch.Tensor, float]:
+    """Closed-form least-squares map A (D, D) with ``normalise(h_l) A ~ normalise(h_L)``, and R^2.
+
+    Position 0 is left out. Inputs are only RMS-normalised (a per-token scale, which the final
+    norm ignores), so ``h_l @ A`` is a map of the raw stream whose normalised output is the fit.
+    A reference point, not a standard architecture: it is not foldable into the blocks.
+    """
+    x = _normalise(h_l[:, 1:].reshape(-1, h_l.shape[-1]).double(), False)
+    y = _normalise(h_L[:, 1:].reshape(-1, h_L.shape[-1]).double(), center)
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    a = torch.linalg.solve(gram, x.T @ y)
+    return a.float(), _r2(x @ a, y)
+
+
+def _r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    sse = (pred - y).pow(2).sum()
+    sst = (y - y.mean(0)).pow(2).sum()
+    return float(1.0 - sse / sst)
+
+
+# --------------------------------------------------------------------------- the bridge block
+
+
+def add_bridge_block(model: nn.Module, l: int, init: str = "last", seed: int = 0) -> nn.Module:
+    """A new model of ``model``'s embeddings, first ``l`` blocks, one bridge block, norm and head.
+
+    The bridge starts as a copy of ``model``'s block L-1 (``last``), l (``next``) or l-1
+    (``repeat``); the result is a standard model of the same class with l + 1 layers (built by
+    :func:`inheritune.surgery.select_layers`, so tied embeddings stay tied).
+    """
+    from inheritune import surgery
+
+    n = get_arch(model).num_layers
+    if init not in BRIDGE_INITS:
+        raise ConfigError(f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {init!r}")
+    surgery.check_depth(l, n)
+    src = {"last": n - 1, "next": l, "repeat": l - 1}[init]
+    if src >= n:
+        raise ConfigError(f"--bridge-init next needs a block l = {l}, but the model has {n} layers")
+    return surgery.select_layers(model, [*range(l), src], allow_repeats=True, seed=seed)
+
+
+class BlockRunner:
+    """Calls block ``i`` of ``model`` on given hidden states, alone.
+
+    A block's forward needs what the base model computes once per forward (rotary embeddings,
+    the causal mask of its attention type, position ids), whose form differs by family and
+    version. They are captured from the model's own forward by a pre-hook (per batch shape; the
+    forward stops there), so the block is called exactly as the model calls it.
+    """
+
+    def __init__(self, model: nn.Module, i: int):
+        self.model = model
+        self.block = get_arch(model).layers[i]
+        self._inputs: dict[tuple[int, int], tuple[tuple, dict]] = {}
+
+    @torch.no_grad()
+    def _capture(self, b: int, t: int) -> tuple[tuple, dict]:
+        if (b, t) not in self._inputs:
+            seen: list[tuple[tuple, dict]] = []
+
+            def grab(mod, args, kwargs):
+                seen.append((args[1:], dict(kwargs)))
+                raise _Stop
+
+            hook = self.block.register_forward_pre_hook(grab, with_kwargs=True)
+            device = next(self.model.parameters()).device
+            try:
+                self.model.base_model(
+                    input_ids=torch.zeros(b, t, dtype=torch.long, device=device), use_cache=False
+                )
+            except _Stop:
+                pass
+            finally:
+                hook.remove()
+            self._inputs[(b, t)] = seen[0]
+        return self._inputs[(b, t)]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        args, kwargs = self._capture(*hidden.shape[:2])
+        return _tensor(self.block(hidden, *args, **kwargs))
+
+
+def state_loss(
+    pred: torch.Tensor, target: torch.Tensor, gain: torch.Tensor, center: bool
+) -> torch.Tensor:
+    """Mean over tokens (position 0 left out) of 1 - cos(gain * norm(pred), gain * norm(target))."""
+    p = _normalise(pred[:, 1:], center) * gain
+    y = _normalise(target[:, 1:], center) * gain
+    return (1.0 - F.cosine_similarity(p, y, dim=-1)).mean()
+
+
+def fit_bridge(
+    model: nn.Module,
+    h_l: torch.Tensor,
+    h_L: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gain: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit ``model``'s last block in place so that it maps ``h_l`` (n, T, D) to ``h_L``.
+
+    AdamW (betas 0.9/0.95, no weight decay: the start is a trained block), 10% linear warm-up,
+    cosine decay to 0, gradient clip 1.0, on random batches of ``batch_size`` cached windows;
+    nothing but the last block runs or changes. Returns the fit loss before and after on
+    ``held_out`` (h_l, h_L) (else on the training windows) and the time taken.
+    """
+    arch = get_arch(model)
+    center = _centers(model)
+    gain = _gain(model) if gain is None else gain
+    runner = BlockRunner(model, arch.num_layers - 1)
+    block = runner.block
+    device = next(model.parameters()).device
+    check_x, check_y = held_out if held_out is not None else (h_l, h_L)
+
+    def check() -> float:
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(check_x), batch_size):
+                x = check_x[s : s + batch_size].to(device)
+                y = check_y[s : s + batch_size].to(device)
+                total += float(state_loss(runner(x), y, gain.to(device), center)) * len(x)
+                n += len(x)
+        return total / n
+
+    was_training = model.training
+    model.eval()  # dropout off: the fit targets a deterministic forward
+    t0 = time.perf_counter()
+    before = check()
+    params = [p for p in block.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    gen = torch.Generator().manual_seed(seed)
+    b = min(batch_size, len(h_l))
+    g = gain.to(device)
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (
+            1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randperm(len(h_l), generator=gen)[:b]
+        loss = state_loss(runner(h_l[idx].to(device)), h_L[idx].to(device), g, center)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    for p, req in zip(params, saved, strict=True):
+        p.grad = None
+        p.requires_grad_(req)
+    after = check()
+    model.train(was_training)
+    return {
+        "fit_loss_before": before,
+        "fit_loss_after": after,
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# --------------------------------------------------------------------------- the whole build
+
+
+def build_bridged(
+    reference: nn.Module,
+    l: int,
+    calib_ids: torch.Tensor | np.ndarray,
+    cfg: BridgeConfig,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference's first ``l`` blocks + a fitted bridge block + refitted final norm.
+
+    ``calib_ids`` (n, T) are training-split windows; the last eighth of them (at least one) is
+    held out to report the fit. Returns the new model (l + 1 layers, the reference's class) and
+    the fit statistics that ``provenance.json`` records.
+    """
+    from inheritune.calibrate import calibrate_final_norm
+
+    ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
+    if ids.ndim != 2 or len(ids) < 2 or ids.shape[1] < 2:
+        raise ConfigError(
+            f"the bridge needs at least 2 calibration windows of >= 2 tokens, got {tuple(ids.shape)}"
+        )
+    t0 = time.perf_counter()
+    n_hold = max(1, len(ids) // 8)
+    fit_ids = ids[:-n_hold]
+    h_l, h_L = collect_states(reference, ids, l)
+    seconds_states = time.perf_counter() - t0
+    center = _centers(reference)
+    _, r2_fit = fit_linear_map(h_l[:-n_hold], h_L[:-n_hold], center)
+    a, _ = fit_linear_map(h_l[:-n_hold], h_L[:-n_hold], center)
+    x_hold = _normalise(h_l[-n_hold:, 1:].reshape(-1, h_l.shape[-1]).double(), False)
+    y_hold = _normalise(h_L[-n_hold:, 1:].reshape(-1, h_L.shape[-1]).double(), center)
+    r2_held = _r2(x_hold @ a.double(), y_hold)
+    model = add_bridge_block(reference, l, cfg.bridge_init, seed=seed)
+    gain = _gain(reference)
+    fit = fit_bridge(
+        model,
+        h_l[:-n_hold],
+        h_L[:-n_hold],
+        steps=cfg.bridge_steps,
+        lr=cfg.bridge_lr,
+        batch_size=cfg.bridge_batch,
+        held_out=(h_l[-n_hold:], h_L[-n_hold:]),
+        gain=gain,
+        seed=seed,
+    )
+    norm = calibrate_final_norm(model, fit_ids[: cfg.norm_windows], iters=cfg.norm_iters)
+    stats = {
+        "bridge": cfg.bridge,
+        "bridge_init": cfg.bridge_init,
+        "kept_layers": l,
+        "calib_windows": len(ids),
+        "calib_seq_len": int(ids.shape[1]),
+        "calib_tokens": int(ids.numel()),
+        "held_out_windows": n_hold,
+        "linear_map_r2": {"fit": r2_fit, "held_out": r2_held},
+        **{k: v for k, v in fit.items() if k != "seconds"},
+        "lr": cfg.bridge_lr,
+        "batch": cfg.bridge_batch,
+        "final_norm": norm,
+        "seconds": {"states": seconds_states, "fit": fit["seconds"], "total": 0.0},
+    }
+    stats["seconds"]["total"] = time.perf_counter() - t0
+    return model, stats
