@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS_TEXT, make_tokenizer, save_tiny
 from safetensors.torch import load_file, save_file
 
+from conftest import CORPUS_TEXT, make_tokenizer, save_tiny
 from inheritune import checkpoint as ckpt
 from inheritune import cli, models
 
-CONTEXT = 256  # max_position_embeddings of conftest's tiny models
+
 LAYERS = 2
 
 # ----------------------------------------------------------------------------- inputs
@@ -200,8 +200,13 @@ def _snapshot(out: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
-def check_refused(argv: list[str], expected: str, out: Path, capsys) -> str:
-    """Run ``argv`` and assert the bad-input rule; returns the error line."""
+def check_refused(argv: list[str], expected: str, out: Path, capsys, alone: bool = True) -> str:
+    """Run ``argv`` and assert the bad-input rule; returns the error line.
+
+    The error is one line, the last on stderr, and the only one starting with
+    ``inheritune COMMAND: error:``; ``alone``: it is all of stderr (nothing ran before it).
+    Otherwise the lines before it may only be progress and status output of work done first.
+    """
     command = argv[0]
     before = _snapshot(out)
     capsys.readouterr()
@@ -210,11 +215,17 @@ def check_refused(argv: list[str], expected: str, out: Path, capsys) -> str:
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert rc == 2, captured.err[-2000:]
     assert "Traceback" not in captured.err + captured.out
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{captured.err[-2000:]}"
-    assert lines[0].startswith(f"inheritune {command}: error: "), lines[0]
-    assert expected in lines[0], lines[0]
+    assert lines, "nothing on stderr"
+    prefix = f"inheritune {command}: error: "
+    assert lines[-1].startswith(prefix), captured.err[-2000:]
+    assert expected in lines[-1], lines[-1]
+    earlier = lines[:-1]
+    if alone:
+        assert not earlier, f"output before the error:\n{captured.err[-2000:]}"
+    for line in earlier:
+        assert "error" not in line.lower() and "warning" not in line.lower(), line
     assert _snapshot(out) == before, f"--out {out} changed"
-    return lines[0]
+    return lines[-1]
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
@@ -250,101 +261,100 @@ PENDING_TRAIN_CONTEXT = pytest.mark.xfail(
     reason="pending: train passes --seq-len to inputs.load(seq_lens=...)", strict=True
 )
 
-# (id, command, extra argv (replacing the valid line's values), expected text, prepare, marks)
-# {model}, {corpus}, {out} and {tmp} are filled in; "prepare" builds a file the case needs.
+
+def case(id, command, extra, expected, prepare=None, alone=True, marks=()):
+    """One row: ``extra`` flags replace the same flags of the command's valid line (``-FLAG``
+    drops one); {model}, {corpus}, {out}, {tmp} and {other_tokens} are filled in. ``prepare``
+    names a file builder below. ``alone``: refused before any work, so the error line is all
+    of stderr (no progress output of tokenising before it)."""
+    return pytest.param(command, extra, expected, prepare, alone, id=id, marks=marks)
+
+
 CASES = [
     # --- data
-    ("empty-data", "analyze", ["--data", "{tmp}/empty.txt"], "empty", "empty_txt", ()),
-    ("no-such-corpus", "analyze", ["--data", "no-such-corpus"], "Known names", None, ()),
-    ("data-wrong-suffix", "train", ["--data", "{tmp}/d.csv"], "unsupported data file", "csv", ()),
-    (
+    case("empty-data", "analyze", ["--data", "{tmp}/empty.txt"], "empty", "empty_txt", False),
+    case("no-such-corpus", "analyze", ["--data", "no-such-corpus"], "Known names"),
+    case("data-wrong-suffix", "train", ["--data", "{tmp}/d.csv"], "unsupported data", "csv"),
+    case(
         "data-too-short-for-seq-len",
         "analyze",
         ["--data", "{tmp}/short.txt", "--seq-len", "200"],
-        "--seq-len 200",
+        "fewer than 1 window(s) of --seq-len 200",
         "short_txt",
-        (),
+        False,
     ),
-    ("tokens-of-another-tokenizer", "train", ["--data", "{other_tokens}"], "tokenizer", None, ()),
-    (
+    case(
+        "tokens-of-another-tokenizer",
+        "train",
+        ["--data", "{other_tokens}"],
+        "tokenizer",
+        alone=False,
+    ),
+    case(
         "random-bytes-as-text",
         "analyze",
         ["--data", "{tmp}/x.txt"],
         "not valid UTF-8",
         "random_txt",
-        (PENDING_TEXT,),
+        False,
+        marks=PENDING_TEXT,
     ),
-    # --- --seq-len beyond the model's context, in every command that has one
-    ("analyze-seq-len", "analyze", ["--seq-len", "300"], "--seq-len 300 is longer than", None, ()),
-    (
+    # --- --seq-len beyond the model's context (256), in every command that has one
+    case("analyze-seq-len", "analyze", ["--seq-len", "300"], "--seq-len 300 is longer than"),
+    case(
         "train-seq-len",
         "train",
         ["--seq-len", "300"],
         "--seq-len 300 is longer than the model's context (256 tokens)",
-        None,
-        (PENDING_TRAIN_CONTEXT,),
+        marks=PENDING_TRAIN_CONTEXT,
     ),
-    ("run-seq-len", "run", ["--seq-len", "300"], "--seq-len 300 is longer than", None, ()),
-    (
+    case("run-seq-len", "run", ["--seq-len", "300"], "--seq-len 300 is longer than"),
+    case(
         "compare-train-seq-len",
         "compare",
         ["--train", "{batch_size: 2, seq_len: 300, eval_tokens: 32}"],
         "--seq-len 300 is longer than the model's context (256 tokens)",
-        None,
-        (),
     ),
-    (
+    case(
         "compare-calib-seq-len",
         "compare",
         ["--calib-seq-len", "300"],
         "--calib-seq-len 300 is longer than the model's context (256 tokens)",
-        None,
-        (),
     ),
-    (
+    case(
         "eval-ppl-seq-len",
         "eval",
         ["--ppl-seq-len", "300"],
         "--ppl-seq-len 300 is longer than the model's context (256 tokens)",
-        None,
-        (),
     ),
     # --- flags
-    ("analyze-tau", "analyze", ["--tau", "0"], "--tau must be in (0, 1]", None, ()),
-    ("analyze-seq-len-zero", "analyze", ["--seq-len", "0"], "--seq-len must be >= 1", None, ()),
-    ("train-lr-nan", "train", ["--lr", "nan"], "--lr", None, (PENDING_NUMERIC,)),
-    (
+    case("analyze-tau", "analyze", ["--tau", "0"], "--tau must be in (0, 1]"),
+    case("analyze-seq-len-zero", "analyze", ["--seq-len", "0"], "--seq-len must be >= 1"),
+    case("train-lr-nan", "train", ["--lr", "nan"], "--lr", marks=PENDING_NUMERIC),
+    case(
         "train-batch-vs-accum",
         "train",
         ["--batch-size", "6", "--grad-accum", "4"],
         "must be a multiple of --grad-accum",
-        None,
-        (),
     ),
-    ("distill-without-teacher", "train", ["--distill-alpha", "0.5"], "--teacher", None, ()),
-    ("inherit-k-too-large", "inherit", ["--num-layers", "5"], "exceeds the reference's", None, ()),
-    ("inherit-duplicate-layers", "inherit", ["--layers", "0,0"], "duplicate layer", None, ()),
-    ("compare-unknown-variant", "compare", ["--variants", "nope"], "known: inheritune", None, ()),
-    ("run-init-depth", "run", ["--init-depth", "9"], "--init-depth", None, ()),
-    ("eval-no-cuda", "eval", ["--device", "cuda:7"], "--device", "no_cuda", ()),
+    case("distill-without-teacher", "train", ["--distill-alpha", "0.5"], "--teacher", alone=False),
+    case("inherit-k-too-large", "inherit", ["--num-layers", "5"], "exceeds the reference's"),
+    case("inherit-duplicate-layers", "inherit", ["-num-layers", "--layers", "0,0"], "duplicate"),
+    case("inherit-no-depth", "inherit", ["-num-layers"], "exactly one of --num-layers"),
+    case("compare-unknown-variant", "compare", ["--variants", "nope"], "known: inheritune"),
+    case("run-init-depth", "run", ["--init-depth", "9"], "--init-depth 9", alone=False),
+    case("eval-no-cuda", "eval", ["--device", "cuda:7"], "--device", "no_cuda"),
     # --- files and folders
-    ("out-is-a-file", "analyze", ["--out", "{tmp}/file"], "is not a folder", "out_file", ()),
-    ("config-file-missing", "train", ["--config", "{tmp}/none.yaml"], "none.yaml", None, ()),
-    (
-        "config-unknown-key",
-        "train",
-        ["--config", "{tmp}/c.yaml"],
-        "unknown key",
-        "yaml_unknown",
-        (),
-    ),
-    (
+    case("out-is-a-file", "analyze", ["--out", "{tmp}/file"], "is not a folder", "out_file"),
+    case("config-file-missing", "train", ["--config", "{tmp}/none.yaml"], "none.yaml"),
+    case("config-unknown-key", "train", ["--config", "{tmp}/c.yaml"], "unknown key", "yaml"),
+    case(
         "resume-torn-checkpoint",
         "train",
         ["--resume"],
         "no intact checkpoint",
         "torn_checkpoint",
-        (),
+        False,
     ),
 ]
 
@@ -354,7 +364,7 @@ PREPARE: dict[str, Callable[[Path, Path], None]] = {
     "short_txt": lambda tmp, out: (tmp / "short.txt").write_text(CORPUS_TEXT[:2000]),
     "random_txt": lambda tmp, out: (tmp / "x.txt").write_bytes(os.urandom(50_000)),
     "out_file": lambda tmp, out: (tmp / "file").write_text("not a folder"),
-    "yaml_unknown": lambda tmp, out: (tmp / "c.yaml").write_text("no_such_setting: 3\n"),
+    "yaml": lambda tmp, out: (tmp / "c.yaml").write_text("no_such_setting: 3\n"),
     "torn_checkpoint": lambda tmp, out: _half_written_checkpoint(out),
     "no_cuda": lambda tmp, out: (
         pytest.skip("this machine has CUDA") if torch.cuda.is_available() else None
@@ -363,11 +373,14 @@ PREPARE: dict[str, Callable[[Path, Path], None]] = {
 
 
 def _with_flags(argv: list[str], extra: list[str]) -> list[str]:
-    """``argv`` with ``extra``'s flags replacing the same flags (and their values) in it."""
-    given = {a for a in extra if a.startswith("--")}
+    """``argv`` with ``extra``'s flags replacing the same flags (and their values) in it; an
+    entry ``-FLAG`` removes ``--FLAG`` and adds nothing."""
+    drop = {"-" + a for a in extra if a.startswith("-") and not a.startswith("--")}
+    extra = [a for a in extra if "-" + a not in drop]
+    drop |= {a for a in extra if a.startswith("--")}
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in given:
+        if argv[i] in drop:
             takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             i += 2 if takes_value else 1
             continue
@@ -376,21 +389,22 @@ def _with_flags(argv: list[str], extra: list[str]) -> list[str]:
     return out + extra
 
 
-@pytest.mark.parametrize(
-    ("command", "extra", "expected", "prepare"),
-    [pytest.param(c, e, x, p, id=i, marks=m) for i, c, e, x, p, m in CASES],
-)
-def test_bad_input_table(command, extra, expected, prepare, base, tmp_path, capsys):
+@pytest.mark.parametrize(("command", "extra", "expected", "prepare", "alone"), CASES)
+def test_bad_input_table(command, extra, expected, prepare, alone, base, tmp_path, capsys):
     out = tmp_path / "out"
     if prepare:
         PREPARE[prepare](tmp_path, out)
     values = {"model": base["model"], "corpus": base["corpus"], "out": out, "tmp": tmp_path}
     if "{other_tokens}" in extra:
         values["other_tokens"] = _tokens_of_other_tokenizer(base, tmp_path)
-    filled = [a.format(**values) if "{" in a and "}" in a and ":" not in a else a for a in extra]
-    argv = _with_flags(command_line(command, "{model}", "{corpus}", "{out}"), filled)
-    argv = [a.format(**values) if a.startswith("{") and a.endswith("}") else a for a in argv]
-    check_refused(argv, expected, out, capsys)
+    argv = _with_flags(command_line(command, "{model}", "{corpus}", "{out}"), extra)
+    check_refused([_fill(a, values) for a in argv], expected, out, capsys, alone)
+
+
+def _fill(arg: str, values: dict[str, Path]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", str(value))
+    return arg
 
 
 def test_bad_flag_values_are_argparse_errors(capsys):
@@ -525,9 +539,7 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(base, tmp_pa
     first = tmp_path / "first"
     assert cli.main(_train_argv(base["model"], base["corpus"], first, steps=2)) == 0
     used = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
-    ckpt_size = sum(
-        p.stat().st_size for p in (first / "checkpoints" / "step-00000002").rglob("*")
-    )
+    ckpt_size = sum(p.stat().st_size for p in (first / "checkpoints" / "step-00000002").rglob("*"))
     with refusing_folder(tmp_path, "full") as (disk, make_room):
         # Resize the 64 kB tmpfs: the run so far plus half a checkpoint (rounded to pages).
         size = (used + ckpt_size // 2) // 4096 * 4096 + 8 * 4096
@@ -547,7 +559,9 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(base, tmp_pa
         ckpt.verify_checkpoint(root / "step-00000002")
         assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
         make_room()
-        assert cli.main([*_train_argv(base["model"], base["corpus"], out, steps=4), "--resume"]) == 0
+        assert (
+            cli.main([*_train_argv(base["model"], base["corpus"], out, steps=4), "--resume"]) == 0
+        )
         assert ckpt.read_latest(root).name == "step-00000004"
         assert json.loads((out / "result.json").read_text())["steps"] == 4
 

@@ -328,11 +328,11 @@ def test_interrupted_round_resumes_where_it_stopped(tmp_path, tiny_run, monkeypa
     real_lr_at = optim.lr_at
     fired = []
 
-    def lr_at(step, cfg):
+    def lr_at(step, cfg, progress=None):
         if "round-02" in cfg.out and step == 1 and not fired:
             fired.append(step)
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: checkpoint, then stop
-        return real_lr_at(step, cfg)
+        return real_lr_at(step, cfg, progress)
 
     monkeypatch.setattr(optim, "lr_at", lr_at)
     cfg = tiny_run(out=str(tmp_path / "killed"))

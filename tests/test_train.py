@@ -24,6 +24,7 @@ from inheritune import checkpoint as ckpt
 from inheritune import cli, data, losses, monitor, optim
 from inheritune import train as T
 from inheritune.config import ConfigError
+from inheritune.distill import Teacher
 
 SEQ = 16
 
@@ -362,7 +363,7 @@ def test_distillation_loss(tmp_path, tokens, tokenizer):
     lm = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), x[:, 1:].flatten())
     p_t = torch.softmax(t_logits / 2.0, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1).mean() * 4.0
-    got = losses.CausalLMLoss(student)(x[:, :-1], x[:, 1:], t_logits, 0.4, 2.0)
+    got = losses.CausalLMLoss(student)(x[:, :-1], x[:, 1:], Teacher(other), 0.4, 2.0)
     torch.testing.assert_close(got, 0.6 * lm + 0.4 * kl, rtol=1e-5, atol=1e-6)
     teacher = copy.deepcopy(student)
     cfg = cfg_for(tmp_path / "kd", steps=2, distill_alpha=1.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from inheritune import distributed
 from inheritune.arch import get_arch
+from inheritune.distill import Teacher, capture_block_input
 
 HEAD_CHUNK_ROWS = 512  # rows of the head matmul per chunk: ~100 MB of fp32 logits at V=49,152
 
@@ -133,6 +135,11 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
 
 
+def distill_weight(alpha: float, decay: bool, progress: float) -> float:
+    """The KL weight at ``progress`` (0..1) of a run: constant, or decayed linearly to 0."""
+    return alpha * (1.0 - progress) if decay else alpha
+
+
 class CausalLMLoss(nn.Module):
     """Wraps an HF causal LM so that ``forward(inputs, targets)`` returns the mean LM loss.
 
@@ -153,21 +160,35 @@ class CausalLMLoss(nn.Module):
         self,
         inputs: torch.Tensor,  # (B, T)
         targets: torch.Tensor,  # (B, T)
-        teacher_logits: torch.Tensor | None = None,  # (B, T, V)
+        teacher: Teacher | None = None,
         alpha: float = 0.0,
         temperature: float = 1.0,
+        hidden_weight: float = 0.0,
     ) -> torch.Tensor:
-        if self.fused and teacher_logits is None:
+        """Mean LM loss; with a teacher, (1 - alpha) LM + alpha KL (+ hidden_weight x the
+        relative squared error of the final normalised hidden state against the teacher's)."""
+        distilling = teacher is not None and (alpha > 0 or hidden_weight > 0)
+        if self.fused and not distilling:
             hidden = self.model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
             head = self.model.get_output_embeddings()
             return linear_cross_entropy(
                 hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), self.chunk
             )
-        logits = self.model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        if not distilling:
+            logits = self.model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        captured: dict[str, torch.Tensor] = {}
+        block = get_arch(self.model).layers[teacher.shared] if teacher.shared else None
+        with capture_block_input(block, captured) if block is not None else nullcontext():
+            out = self.model(input_ids=inputs, use_cache=False, output_hidden_states=True)
+        logits, hidden = out.logits, out.hidden_states[-1]  # (B, T, V), (B, T, D) normalised
+        t_logits, t_hidden = teacher.outputs(inputs, captured.get("hidden"))
         lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        if teacher_logits is None or alpha == 0.0:
-            return lm
-        return (1.0 - alpha) * lm + alpha * distill_kl(logits, teacher_logits, temperature)
+        loss = (1.0 - alpha) * lm + alpha * distill_kl(logits, t_logits, temperature)
+        if hidden_weight > 0:
+            err = (hidden.float() - t_hidden.float()).pow(2).mean()
+            loss = loss + hidden_weight * err / t_hidden.float().pow(2).mean()
+        return loss
 
 
 # ----------------------------------------------------------------------------- evaluation

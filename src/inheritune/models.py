@@ -25,6 +25,7 @@ longer than the model's context before any data is loaded.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,11 @@ def _check_config_json(folder: Path) -> None:
 
 
 def load_config(arg: str, trust_remote_code: bool = False):
-    """The model's transformers config (no weights read); raises :class:`ModelLoadError`."""
+    """The model's transformers config; raises :class:`ModelLoadError`.
+
+    No weights are read, but a folder's safetensors headers are checked against the config
+    (:func:`check_weight_files`), so every command refuses bad weights at its first, cheap step.
+    """
     from transformers import AutoConfig
 
     src = resolve_model(arg)
@@ -162,10 +167,14 @@ def load_config(arg: str, trust_remote_code: bool = False):
         _check_config_json(src.path)
     try:
         if src.gguf_file:
-            return AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
-        return AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+        else:
+            config = AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code)
     except Exception as e:  # gguf's reader raises struct.error on truncated files, and so on
         raise _load_error(arg, src, "config", e) from e
+    if src.is_local and not src.gguf_file:
+        check_weight_files(config, src.path, trust_remote_code)
+    return config
 
 
 # ----------------------------------------------------------------------------- weights
@@ -220,49 +229,116 @@ def _names(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_weights_fit(
-    model: torch.nn.Module, where: Path, files: dict[str, tuple[int, ...]] | None, info: dict
-) -> None:
-    """Refuse a model whose weights do not fit its config; raises :class:`ModelLoadError`.
+def _fit_problems(files: dict[str, tuple[int, ...]], model: torch.nn.Module) -> list[str]:
+    """What is wrong between a folder's tensors (name -> shape, from the headers) and ``model``
+    (a real or a meta-device instance of its config), as phrases; [] when they fit.
 
-    Two comparisons, both must pass. transformers' loading report (``info``, computed after its
-    own key renaming and ignore lists) names missing, unexpected and wrongly shaped tensors;
-    it only warns about them and initialises the missing ones at random. When the file's names
-    are the model's own (every folder ``save_pretrained`` wrote), ``files`` (the headers) is
-    also compared with ``model.state_dict()`` directly: every parameter must be in the file
-    with its shape, except tied copies (the LM head sharing the embedding's storage).
+    Names are matched as they are, or with the model's base prefix added (older checkpoints
+    omit it). Buffers and the class's ignore lists may be in the file or not, tied copies (the
+    LM head sharing the embedding) may be absent. A file with both unknown names and missing
+    parameters is ambiguous (a checkpoint using older names, which transformers renames on
+    load); only the shapes are judged here then, and :func:`load_model` has the last word.
     """
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def own(name: str) -> str:
+        return f"{prefix}.{name}" if name not in state and f"{prefix}.{name}" in state else name
+
+    named = {own(k): s for k, s in files.items()}
+    ignore = [*(model._keys_to_ignore_on_load_unexpected or ()), r"rotary_emb\.inv_freq$"]
+    ignore += [r"(^|\.)position_ids$"]
+    buffers = {n for n, _ in model.named_buffers()}
+    unexpected = [
+        k
+        for k in named
+        if k not in state and k not in buffers and not any(re.search(p, k) for p in ignore)
+    ]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    present = {id(params[k]) for k in named if k in params}
+    optional = list(model._keys_to_ignore_on_load_missing or ())
+    missing = [
+        k
+        for k, p in params.items()
+        if id(p) not in present and not any(re.search(pat, k) for pat in optional)
+    ]
+    wrong = [(k, s, state[k]) for k, s in named.items() if k in state and s != state[k]]
     problems = []
-    mismatched = list(info.get("mismatched_keys") or [])
-    if mismatched:
-        shapes = "; ".join(
-            f"{k}: file {tuple(a)} vs config {tuple(b)}" for k, a, b in sorted(mismatched)[:5]
-        )
-        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({shapes})")
-    missing = set(info.get("missing_keys") or ())
-    unexpected = set(info.get("unexpected_keys") or ())
-    if files is not None:
-        state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if set(files) <= set(state):  # the model's own names: compare directly
-            params = dict(model.named_parameters(remove_duplicate=False))
-            present = {id(params[k]) for k in files if k in params}
-            missing |= {k for k, p in params.items() if id(p) not in present}
-            if not mismatched:
-                wrong = [(k, s, state[k]) for k, s in files.items() if s != state[k]]
-                if wrong:
-                    shapes = "; ".join(f"{k}: file {a} vs config {b}" for k, a, b in wrong[:5])
-                    problems.append(f"{len(wrong)} tensor(s) of the wrong shape ({shapes})")
+    if wrong:
+        problems.append(_wrong_shapes(wrong))
+    if missing and unexpected:
+        return problems
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing ({_names(missing)})")
     if unexpected:
         problems.append(
             f"{len(unexpected)} tensor(s) the config has no place for ({_names(unexpected)})"
         )
+    return problems
+
+
+def _wrong_shapes(wrong: list) -> str:
+    shapes = "; ".join(
+        f"{k}: file {tuple(a)} vs config {tuple(b)}" for k, a, b in sorted(wrong, key=str)[:5]
+    )
+    return f"{len(wrong)} tensor(s) of the wrong shape ({shapes})"
+
+
+def _refuse(where: Path, problems: list[str]) -> None:
     if problems:
         raise ModelLoadError(
             f"the weights in {where} do not fit its config.json: {'; '.join(problems)}. "
             f"Was the folder assembled from different models, or edited by hand?"
         )
+
+
+def check_weight_files(config, folder: str | Path, trust_remote_code: bool = False) -> None:
+    """Check a folder's weights against its config before anything is loaded.
+
+    Reads only the safetensors headers (:func:`weight_shapes`) and compares them with an
+    instance of the config on the meta device (no memory, no weights), so a truncated file or
+    missing, extra or wrongly shaped tensors are refused before a command tokenises its data.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    files = weight_shapes(folder)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # not a causal LM config, or values the model code rejects
+        raise ModelLoadError(
+            f"{folder / 'config.json'} does not describe a causal LM transformers can build "
+            f"({_reason(e)})"
+        ) from e
+    _refuse(folder, _fit_problems(files, skeleton))
+
+
+def check_weights_fit(
+    model: torch.nn.Module, where: Path, files: dict[str, tuple[int, ...]] | None, info: dict
+) -> None:
+    """Refuse a loaded model whose weights did not fit; raises :class:`ModelLoadError`.
+
+    Two comparisons, both must pass: transformers' loading report (``info``: missing,
+    unexpected and wrongly shaped tensors after its own renaming; it only warns about them and
+    initialises missing ones at random), and, for safetensors folders, :func:`_fit_problems`
+    of the headers against the loaded model.
+    """
+    problems = []
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        problems.append(_wrong_shapes(mismatched))
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing ({_names(missing)})")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) the config has no place for ({_names(unexpected)})"
+        )
+    if not problems and files is not None:
+        problems = _fit_problems(files, model)
+    _refuse(where, problems)
 
 
 def load_model(

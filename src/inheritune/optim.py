@@ -23,14 +23,19 @@ if TYPE_CHECKING:
     from inheritune.train import TrainConfig
 
 BETAS = (0.9, 0.95)
+SCHEDULES = ("cosine", "linear")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, cosine to min_lr."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine or linear
+    decay to min_lr over the remaining steps, or over ``progress`` (the fraction of a time
+    budget spent) when given."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    decay_steps = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / decay_steps)
+    if progress is None:
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.schedule == "linear":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -53,6 +58,26 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     for n in frozen:
         names[n].requires_grad_(False)
     return sorted(set(frozen))
+
+
+def train_only_top(model: nn.Module, n: int) -> list[str]:
+    """``--train-top N``: freeze the embeddings and every block below the top ``n``; return the
+    frozen names. Frozen leading layers get no autograd graph at all (their inputs need no
+    gradient), so they cost a forward pass only."""
+    arch = get_arch(model)
+    if not 0 < n <= arch.num_layers:
+        raise ConfigError(
+            f"{flag('train_top')} {n} must be between 1 and the model's {arch.num_layers} blocks"
+        )
+    frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    frozen += list(arch.layers[: arch.num_layers - n])
+    names = {id(p): name for name, p in model.named_parameters()}
+    out = []
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            out.append(names.get(id(p), ""))
+    return sorted(set(out) - {""})
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

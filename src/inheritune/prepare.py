@@ -152,6 +152,7 @@ class PrepareResult:
     seconds: float  # this run's time
     num_proc: int
     resumed_shards: int  # shards appended by earlier, interrupted runs
+    reused_shards: int = 0  # shard files written by earlier runs, appended by this one
     already_done: bool = False
 
 
@@ -483,7 +484,7 @@ def _finish(out: Path, plan: dict, p: _Progress) -> dict:
     else:
         meta["val_rule"] = "the last val_fraction (default 5%) of the tokens"
     _write_json(out / META_FILE, meta)
-    for name in (PROGRESS_FILE, PLAN_FILE, VAL_FILE):
+    for name in (PROGRESS_FILE, PLAN_FILE, VAL_FILE, ".lock"):  # finished: nothing to lock
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return meta
@@ -528,7 +529,8 @@ def prepare_tokens(
             meta = json.loads((out / META_FILE).read_text())
             return PrepareResult(
                 out, meta["num_tokens"], meta.get("val_tokens", 0), meta.get("num_docs", 0),
-                meta.get("input_bytes", 0), time.perf_counter() - t0, num_proc, 0, True,
+                meta.get("input_bytes", 0), time.perf_counter() - t0, num_proc, 0,
+                already_done=True,
             )  # fmt: skip
         plan = kept
         shards_dir = out / SHARDS_DIR
@@ -538,7 +540,7 @@ def prepare_tokens(
         state = out / PROGRESS_FILE
         p = _Progress(**json.loads(state.read_text())) if state.is_file() else _Progress()
         resumed = p.shards
-        _run(source, tokenizer, out, plan, p, num_proc, progress)
+        reused = _run(source, tokenizer, out, plan, p, num_proc, progress)
         if p.tokens == 0 or (plan["val_docs_every"] and p.val_tokens == 0):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
             if p.tokens == 0:
@@ -550,7 +552,7 @@ def prepare_tokens(
         meta = _finish(out, plan, p)
     seconds = time.perf_counter() - t0
     result = PrepareResult(
-        out, p.tokens, p.val_tokens, p.docs, p.input_bytes, seconds, num_proc, resumed
+        out, p.tokens, p.val_tokens, p.docs, p.input_bytes, seconds, num_proc, resumed, reused
     )
     if progress:
         size = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
@@ -558,7 +560,7 @@ def prepare_tokens(
             f"prepared {source.name}: {p.tokens:,} tokens ({_size(size)}, {p.docs:,} documents) "
             f"from {_size(p.input_bytes)} of text in {seconds:.1f} s "
             f"({num_proc} process{'es' if num_proc > 1 else ''}"
-            + (f"; continued after {resumed} shards" if resumed else "")
+            + (f"; continued: {resumed} + {reused} shards done before" if resumed + reused else "")
             + f") -> {out}",
             file=sys.stderr,
         )
@@ -573,8 +575,9 @@ def _run(
     p: _Progress,
     num_proc: int,
     show: bool,
-) -> None:
-    """Stream shards to the workers and append their results in order, until done."""
+) -> int:
+    """Stream shards to the workers and append their results in order, until done; returns
+    the number of shard files reused from an earlier run."""
     shards_dir = out / SHARDS_DIR
     appender = _Appender(out, plan, p)
     workers = _Workers(_Encoder(tokenizer), num_proc)
@@ -590,14 +593,15 @@ def _run(
     )
     t0, tokens0 = time.perf_counter(), p.tokens
     pending: deque[tuple[Path, Future, int, int]] = deque()
+    reused = 0
 
     def append_next() -> None:
         path, fut, n_pieces, nbytes = pending.popleft()
         fut.result()  # re-raises a worker's error
         appender.append(path, n_pieces, nbytes)
-        bar.update(nbytes)
         rate = (p.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{p.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s")
+        bar.set_postfix_str(f"{p.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s", False)
+        bar.update(nbytes)
 
     try:
         if not p.complete:
@@ -608,6 +612,7 @@ def _run(
                 if path.exists():  # written by an earlier run, not yet appended
                     fut: Future = Future()
                     fut.set_result(None)
+                    reused += 1
                 else:
                     fut = workers.submit(path, shard)
                 pending.append((path, fut, len(shard), sum(x.nbytes for x in shard)))
@@ -625,6 +630,7 @@ def _run(
         workers.close()
         appender.close()
         bar.close()
+    return reused
 
 
 # ----------------------------------------------------------------------------- the command

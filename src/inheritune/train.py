@@ -42,6 +42,8 @@ from inheritune import checkpoint as ckpt
 from inheritune import data, distributed, losses, monitor, optim
 from inheritune.arch import get_arch
 from inheritune.config import ConfigError, check_positive, flag, save_resolved, to_dict
+from inheritune.distill import Teacher, shared_bottom
+from inheritune.optim import SCHEDULES
 
 
 class TrainingError(RuntimeError):
@@ -69,7 +71,18 @@ class TrainConfig:
     seq_len: int = field(default=256, metadata=_h("tokens per training sequence"))
     grad_accum: int = field(default=1, metadata=_h("micro-batches per step (splits --batch-size)"))
     lr: float = field(default=3e-4, metadata=_h("peak learning rate"))
-    min_lr: float = field(default=1e-5, metadata=_h("learning rate at the end of cosine decay"))
+    min_lr: float = field(default=1e-5, metadata=_h("learning rate at the end of the decay"))
+    schedule: str = field(
+        default="cosine",
+        metadata=_h("decay after warm-up: cosine or linear, to --min-lr", choices=SCHEDULES),
+    )
+    time_budget: float = field(
+        default=0.0,
+        metadata=_h(
+            "seconds of training time (evaluation and checkpoints excluded); > 0: stop at "
+            "whichever of --steps and this comes first, decaying the lr by time (0 = off)"
+        ),
+    )
     warmup: int = field(default=20, metadata=_h("linear warm-up steps"))
     weight_decay: float = field(default=0.1, metadata=_h("AdamW weight decay (matrices only)"))
     grad_clip: float = field(default=1.0, metadata=_h("max global gradient norm (0 = off)"))
@@ -98,6 +111,24 @@ class TrainConfig:
         default=0.0, metadata=_h("weight of KL(teacher||student); loss = (1-a)*LM + a*KL")
     )
     distill_temperature: float = field(default=1.0, metadata=_h("distillation temperature"))
+    distill_decay: bool = field(
+        default=False, metadata=_h("decay --distill-alpha linearly to 0 over the run")
+    )
+    distill_hidden: float = field(
+        default=0.0,
+        metadata=_h(
+            "weight of a loss matching the teacher's final normalised hidden state "
+            "(relative squared error; 0 = off)"
+        ),
+    )
+    train_top: int = field(
+        default=0,
+        metadata=_h(
+            "train only the top N blocks (and the final norm, an untied head): the embeddings "
+            "and the blocks below are frozen and run without autograd; with a teacher whose "
+            "bottom they equal, the teacher runs only its top (0 = train everything)"
+        ),
+    )
     teacher: str | None = field(default=None, metadata=_h("teacher model for distillation"))
     trust_remote_code: bool = field(
         default=False, metadata=_h("allow models with custom code (off by default)")
@@ -106,7 +137,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every"):
             check_positive(name, getattr(self, name))
-        for name in ("warmup", "eval_every", "save_every", "keep_last", "weight_decay"):
+        for name in (
+            "train_top",
+            "distill_hidden",
+            "warmup",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "weight_decay",
+            "time_budget",
+        ):
             check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("grad_clip", "min_lr", "embed_lr_scale", "head_lr_scale", "norm_lr_scale"):
             check_positive(name, getattr(self, name), allow_zero=True)
@@ -117,6 +157,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
@@ -159,7 +203,7 @@ class _Run:
     model: nn.Module
     tokenizer: Any
     tokens: data.Tokens
-    teacher: nn.Module | None
+    teacher: Teacher | None
     loss_module: nn.Module  # CausalLMLoss, wrapped by DDP/FSDP
     forward: nn.Module  # loss_module, or its torch.compile'd version
     opt: torch.optim.Optimizer
@@ -175,6 +219,7 @@ class _Run:
     last_ckpt: Path | None = None
     meter: monitor.Throughput = field(default_factory=monitor.Throughput)
     stop: monitor.StopFlag = field(default_factory=monitor.StopFlag)
+    time_up: bool = False  # --time-budget spent (agreed by every rank)
 
     @property
     def out(self) -> Path:
@@ -186,6 +231,17 @@ class _Run:
 
     def autocast(self):
         return distributed.autocast(self.cfg.precision, self.env.device)
+
+    def time_progress(self) -> float | None:
+        """Fraction of ``--time-budget`` spent (None without one): drives the lr decay."""
+        if self.cfg.time_budget <= 0:
+            return None
+        return min(1.0, (self.train_seconds + self.meter.seconds) / self.cfg.time_budget)
+
+    def progress(self) -> float:
+        """Fraction of the run done (by time under --time-budget, else by steps)."""
+        by_time = self.time_progress()
+        return by_time if by_time is not None else min(1.0, self.step / self.cfg.steps)
 
     def evaluate(self) -> None:
         """Validation loss on the fixed windows, logged and kept in ``evals``."""
@@ -247,17 +303,14 @@ class _Run:
         scale = losses.micro_loss_scale(
             micro * cfg.seq_len, cfg.batch_size * cfg.seq_len, env.world_size
         )
+        alpha = losses.distill_weight(cfg.distill_alpha, cfg.distill_decay, self.progress())
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         for m in range(cfg.grad_accum):
             x, y = batch[m, :, :-1], batch[m, :, 1:]
-            teacher_logits = None
-            if self.teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad(), self.autocast():
-                    teacher_logits = self.teacher(input_ids=x, use_cache=False).logits
             last = m == cfg.grad_accum - 1
             with distributed.gradient_sync(self.loss_module, last), self.autocast():
                 loss = self.forward(
-                    x, y, teacher_logits, cfg.distill_alpha, cfg.distill_temperature
+                    x, y, self.teacher, alpha, cfg.distill_temperature, cfg.distill_hidden
                 )
             (loss * scale).backward()
             loss_sum += loss.detach().double() * scale
@@ -270,11 +323,17 @@ class _Run:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(distributed.full_tensor(norm))
 
-    def sync(self, loss_sum: torch.Tensor) -> tuple[float, bool]:
-        """(mean loss over ranks, whether any rank got a stop signal): one all-reduce."""
-        flags = torch.tensor(float(self.stop.signum), device=self.env.device)
-        both = torch.stack([loss_sum, flags.to(loss_sum.dtype)])
+    def sync(self, loss_sum: torch.Tensor, step_seconds: float) -> tuple[float, bool]:
+        """(mean loss over ranks, whether any rank got a stop signal) in one all-reduce; also
+        agrees on whether the time budget is spent (any rank's clock decides for all)."""
+        spent = self.train_seconds + self.meter.seconds + step_seconds
+        time_up = 0 < self.cfg.time_budget <= spent
+        flags = [float(self.stop.signum), float(time_up)]
+        both = torch.cat(
+            [loss_sum[None], torch.tensor(flags, dtype=loss_sum.dtype, device=loss_sum.device)]
+        )
         distributed.all_reduce_sum(both, self.env)
+        self.time_up = float(both[2]) > 0
         return float(both[0]) / self.env.world_size, float(both[1]) > 0
 
     def refuse_non_finite(self, loss: float, grad_norm: float) -> None:
@@ -330,14 +389,15 @@ def train_model(
     with monitor.catch_signals(run.stop), run.bar:
         while True:
             # 1. learning rate
-            lr = optim.lr_at(run.step, cfg)
+            lr = optim.lr_at(run.step, cfg, run.time_progress())
             for g in run.opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             # 2. evaluation and checkpoint, at the start of a step (the state is consistent)
             periodic = cfg.eval_every and run.step % cfg.eval_every == 0
-            if (run.step in (0, cfg.steps) or periodic) and not _evaluated(run):
+            last = run.step >= cfg.steps or run.time_up
+            if (run.step == 0 or last or periodic) and not _evaluated(run):
                 run.evaluate()
-            if run.step >= cfg.steps:
+            if last:
                 break
             periodic = cfg.save_every and run.step % cfg.save_every == 0
             if periodic and 0 < run.step != run.last_saved:
@@ -347,7 +407,7 @@ def train_model(
             loss_sum = run.forward_backward()
             # 4. clip (and agree across ranks on the loss and on stopping)
             grad_norm = run.clip()
-            loss, stop_requested = run.sync(loss_sum)
+            loss, stop_requested = run.sync(loss_sum, time.perf_counter() - t0)
             run.refuse_non_finite(loss, grad_norm)
             # 5. optimizer step
             run.opt.step()
@@ -435,9 +495,9 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
     distributed.barrier(env)
 
     optim.apply_freeze(model, cfg.freeze)
+    if cfg.train_top:
+        optim.train_only_top(model, cfg.train_top)
     model.to(env.device).train()
-    if teacher is not None:
-        teacher.to(env.device).eval().requires_grad_(False)
     state = None
     if resume_from is not None:
         optim_sd, state, rng_tensors, rng_scalars = ckpt.load_training_state(resume_from)
@@ -448,6 +508,13 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
         torch.manual_seed(cfg.seed + env.rank)  # distinct dropout per rank
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
+    if teacher is not None:
+        teacher = Teacher(teacher.to(env.device), shared=shared_bottom(model, teacher))
+        if env.is_main and teacher.shared:
+            tqdm.write(
+                f"distillation: the teacher runs only its blocks {teacher.shared}.. "
+                f"(the bottom {teacher.shared} are shared with the student)"
+            )
     fsdp = cfg.fsdp and env.distributed
     loss_module = distributed.wrap(losses.CausalLMLoss(model), get_arch(model).layers, env, fsdp)
     opt = optim.make_optimizer(model, cfg, fsdp)
