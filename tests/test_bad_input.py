@@ -1,17 +1,21 @@
 """Bad input, in one place: every case gets one clear line, exit status 2, nothing half-written.
 
 Each case is a command line run through :func:`inheritune.cli.main` in process. The rule checked
-for all of them: status 2, exactly one non-empty stderr line, starting
-``inheritune COMMAND: error:`` and naming the problem (the case's expected text), no traceback,
-and ``--out`` exactly as it was before (absent stays absent). Add a row to :data:`CASES` (or to
-:data:`MODEL_FAULTS`, which every model-loading command is run against) when the CLI grows.
+for all of them (:func:`check_refused`): status 2, no traceback, one error line starting
+``inheritune COMMAND: error:`` and naming the problem (the case's expected text), and ``--out``
+exactly as it was before (absent stays absent). Input that can be judged without doing any work
+(flags, paths, the model's files and config) must be refused before anything else prints; the
+rest (a corpus too short, a torn checkpoint) may follow the progress lines of the work that
+found it. Add a row to :data:`CASES`, or to :data:`MODEL_FAULTS` (run against every command that
+loads a model), when the CLI grows.
 
-The second half covers faults while writing: a read-only or full disk under a checkpoint, a
-report or a cached file raises :class:`inheritune.checkpoint.WriteError`, leaves the previous
-state readable, and a resumed run finishes once the fault is gone. Those tests need a folder the
-OS really refuses to write: as root (where permission bits do not stop writes) a tiny tmpfs is
-mounted, read-only or nearly full; otherwise the folder is made read-only with chmod. They are
-skipped, with the reason, where neither works.
+The second half covers faults while writing. A full or read-only disk under a write made with
+:mod:`inheritune.checkpoint`'s atomic helpers raises :class:`~inheritune.checkpoint.WriteError`
+and leaves the previous state readable; a training run resumes once the fault is gone; any other
+refused write still ends in one line. These tests need a folder the OS really refuses to write:
+as root (where permission bits do not stop writes) a tiny tmpfs is mounted, read-only or nearly
+full; otherwise a read-only folder is made with chmod. They are skipped, with the reason, where
+neither works.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from safetensors.torch import load_file, save_file
 from conftest import CORPUS_TEXT, make_tokenizer, save_tiny
 from inheritune import checkpoint as ckpt
 from inheritune import cli, models
-
 
 LAYERS = 2
 
@@ -68,10 +71,22 @@ def _rewrite_config(folder: Path, **changes) -> Path:
     return folder
 
 
-def _truncate(path: Path, keep: float) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+def _spoil(b: dict[str, Path], tmp: Path, name: str, content: str | bytes) -> Path:
+    """A copy of the good model with file ``name`` replaced by ``content``."""
+    folder = _copy_model(b, tmp, "m")
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def _file(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
     return path
+
+
+def _truncated_weights(b: dict[str, Path], tmp: Path) -> Path:
+    data = (b["model"] / "model.safetensors").read_bytes()
+    return _spoil(b, tmp, "model.safetensors", data[: len(data) // 2])
 
 
 def _gguf_truncated(path: Path) -> Path:
@@ -114,19 +129,19 @@ MODEL_FAULTS: dict[str, tuple[Callable[[dict, Path], Path], str]] = {
     "no-such-path": (lambda b, t: t / "nowhere", "no such model folder"),
     "pickle-only": (lambda b, t: _make_pickle_only(t), "never loads pickled"),
     "config-not-json": (
-        lambda b, t: _write(_copy_model(b, t, "m") / "config.json", "{model_type: llama,"),
+        lambda b, t: _spoil(b, t, "config.json", "{model_type: llama,"),
         "config.json is not valid JSON",
     ),
     "config-not-object": (
-        lambda b, t: _write(_copy_model(b, t, "m") / "config.json", "[1, 2]"),
+        lambda b, t: _spoil(b, t, "config.json", "[1, 2]"),
         "must hold a JSON object",
     ),
     "truncated-safetensors": (
-        lambda b, t: _truncate(_copy_model(b, t, "m") / "model.safetensors", 0.5).parent,
+        _truncated_weights,
         "model.safetensors is truncated or corrupt",
     ),
     "garbage-safetensors": (
-        lambda b, t: _write(_copy_model(b, t, "m") / "model.safetensors", os.urandom(4096)),
+        lambda b, t: _spoil(b, t, "model.safetensors", os.urandom(4096)),
         "model.safetensors is truncated or corrupt",
     ),
     "missing-tensor": (
@@ -150,7 +165,7 @@ MODEL_FAULTS: dict[str, tuple[Callable[[dict, Path], Path], str]] = {
         "names the shard model-00001-of-00002.st, which is not in",
     ),
     "gguf-random-bytes": (
-        lambda b, t: _write(t / "bad.gguf", os.urandom(2048)),
+        lambda b, t: _file(t / "bad.gguf", os.urandom(2048)),
         "bad.gguf is not a GGUF file",
     ),
     "gguf-truncated": (
@@ -161,18 +176,9 @@ MODEL_FAULTS: dict[str, tuple[Callable[[dict, Path], Path], str]] = {
 }
 
 
-def _write(path: Path, content: str | bytes) -> Path:
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    return path.parent if path.suffix in (".json", ".safetensors") else path
-
-
 # ----------------------------------------------------------------------------- commands
 
 SMALL_TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "32"]
-COMPARE_TRAIN = "{batch_size: 2, seq_len: 16, eval_tokens: 32}"
 
 
 def command_line(command: str, model: str, corpus: str, out: str) -> list[str]:
@@ -184,8 +190,8 @@ def command_line(command: str, model: str, corpus: str, out: str) -> list[str]:
         "inherit": ["inherit", *common, "--num-layers", "1"],
         "run": ["run", *common, "--data", corpus, *SMALL_TRAIN, "--no-analysis"],
         "compare": [
-            *("compare", *common, "--data", corpus, "--steps", "1", "--depth", "1"),
-            *("--variants", "inheritune", "--train", COMPARE_TRAIN, "--calib-seq-len", "16"),
+            *("compare", *common, "--data", corpus, *SMALL_TRAIN, "--depth", "1"),
+            *("--variants", "inheritune", "--calib-seq-len", "16"),
         ],
         "eval": ["eval", *common, "--ppl-file", corpus, "--ppl-seq-len", "16"],
     }[command]
@@ -255,8 +261,6 @@ def _half_written_checkpoint(out: Path) -> None:
     (root / ckpt.LATEST).write_text("step-00000002\n")
 
 
-PENDING_NUMERIC = pytest.mark.xfail(reason="pending: numeric validator", strict=True)
-PENDING_TEXT = pytest.mark.xfail(reason="pending: text decoding", strict=True)
 PENDING_TRAIN_CONTEXT = pytest.mark.xfail(
     reason="pending: train passes --seq-len to inputs.load(seq_lens=...)", strict=True
 )
@@ -297,7 +301,6 @@ CASES = [
         "not valid UTF-8",
         "random_txt",
         False,
-        marks=PENDING_TEXT,
     ),
     # --- --seq-len beyond the model's context (256), in every command that has one
     case("analyze-seq-len", "analyze", ["--seq-len", "300"], "--seq-len 300 is longer than"),
@@ -312,7 +315,7 @@ CASES = [
     case(
         "compare-train-seq-len",
         "compare",
-        ["--train", "{batch_size: 2, seq_len: 300, eval_tokens: 32}"],
+        ["--seq-len", "300"],
         "--seq-len 300 is longer than the model's context (256 tokens)",
     ),
     case(
@@ -330,7 +333,7 @@ CASES = [
     # --- flags
     case("analyze-tau", "analyze", ["--tau", "0"], "--tau must be in (0, 1]"),
     case("analyze-seq-len-zero", "analyze", ["--seq-len", "0"], "--seq-len must be >= 1"),
-    case("train-lr-nan", "train", ["--lr", "nan"], "--lr", marks=PENDING_NUMERIC),
+    case("train-lr-nan", "train", ["--lr", "nan"], "--lr"),
     case(
         "train-batch-vs-accum",
         "train",
@@ -342,7 +345,17 @@ CASES = [
     case("inherit-duplicate-layers", "inherit", ["-num-layers", "--layers", "0,0"], "duplicate"),
     case("inherit-no-depth", "inherit", ["-num-layers"], "exactly one of --num-layers"),
     case("compare-unknown-variant", "compare", ["--variants", "nope"], "known: inheritune"),
-    case("run-init-depth", "run", ["--init-depth", "9"], "--init-depth 9", alone=False),
+    case(
+        "run-init-depth",
+        "run",
+        ["--init-depth", "9"],
+        "--init-depth 9",
+        alone=False,
+        marks=pytest.mark.xfail(
+            reason="pending: run writes --out/config.yaml before it checks --init-depth",
+            strict=True,
+        ),
+    ),
     case("eval-no-cuda", "eval", ["--device", "cuda:7"], "--device", "no_cuda"),
     # --- files and folders
     case("out-is-a-file", "analyze", ["--out", "{tmp}/file"], "is not a folder", "out_file"),
@@ -408,13 +421,12 @@ def _fill(arg: str, values: dict[str, Path]) -> str:
 
 
 def test_bad_flag_values_are_argparse_errors(capsys):
-    """A value of the wrong type never reaches our code: argparse's usage and one error line."""
+    """A value of the wrong type never reaches our code; argparse says so in one line too."""
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--steps", "many"])
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("inheritune train: error: argument --steps")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("inheritune train: error: argument --steps")
 
 
 def test_user_errors_are_one_list():
@@ -533,6 +545,7 @@ def _train_argv(model: Path, corpus: Path, out: Path, steps: int) -> list[str]:
     ]
 
 
+@pytest.mark.filterwarnings("ignore:resuming with changed --steps")
 def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(base, tmp_path, capsys):
     """Run 2 steps, copy the run onto a disk with room for logs but not another checkpoint,
     continue to step 4: refused with one line, step 2 still intact; then free space, resume."""
@@ -566,18 +579,44 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(base, tmp_pa
         assert json.loads((out / "result.json").read_text())["steps"] == 4
 
 
+def _refused_line(argv: list[str], capsys) -> str:
+    """Run ``argv``, expect status 2 and no traceback; the last stderr line."""
+    capsys.readouterr()
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert lines[-1].startswith(f"inheritune {argv[0]}: error: "), lines[-1]
+    return lines[-1]
+
+
 @pytest.mark.parametrize("command", ["analyze", "inherit", "train"])
 def test_read_only_out_is_one_line(command, base, tmp_path, capsys):
-    """A command whose --out cannot be written says so in one line (no traceback)."""
+    """A command whose --out cannot be written says so in one line, naming the path."""
     with refusing_folder(tmp_path, "readonly") as (folder, _):
+        cause = os.strerror(_probe(folder))
         out = folder / "out"
-        argv = command_line(command, str(base["model"]), str(base["corpus"]), str(out))
-        capsys.readouterr()
-        rc = cli.main(argv)
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert rc == 2, err[-2000:]
-        assert "Traceback" not in err
-        assert lines[-1].startswith(f"inheritune {command}: error: "), lines[-1]
-        assert "out" in lines[-1]
+        line = _refused_line(
+            command_line(command, str(base["model"]), str(base["corpus"]), str(out)), capsys
+        )
+        assert str(out) in line and cause in line, line
         assert not out.exists()
+
+
+def test_token_cache_on_a_full_disk(base, tmp_path, capsys, monkeypatch):
+    """Tokenising into a full cache is refused in one line and leaves no token folder that a
+    later run would take for finished; with room again the same command works."""
+    from inheritune import data
+
+    with refusing_folder(tmp_path, "full") as (disk, make_room):
+        monkeypatch.setenv("INHERITUNE_CACHE", str(disk))
+        corpus = tmp_path / "big.txt"
+        corpus.write_text(CORPUS_TEXT * 40)  # ~340 kB of text, ~160k tokens: more than 64 kB
+        argv = command_line("analyze", str(base["model"]), str(corpus), str(tmp_path / "a"))
+        line = _refused_line(argv, capsys)
+        assert "No space left on device" in line or "disk" in line, line
+        assert not list(disk.rglob(data.META_FILE))  # nothing looks finished
+        make_room()
+        assert cli.main(argv) == 0
+        assert len(list(disk.rglob(data.META_FILE))) == 1

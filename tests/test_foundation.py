@@ -68,8 +68,121 @@ def test_corrupt_safetensors_refused(tiny_folder):
     folder = tiny_folder("llama")
     w = folder / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    with pytest.raises(models.ModelLoadError, match="corrupt"):
+    for load in (models.load_config, models.load_model):  # the cheap step already refuses
+        with pytest.raises(models.ModelLoadError, match=r"model\.safetensors is truncated"):
+            load(str(folder))
+
+
+def _edit_weights(folder, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    edit(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_folder):
+    """transformers would initialise a missing tensor at random and only log it."""
+    folder = tiny_folder("llama", layers=2)
+    _edit_weights(folder, lambda sd: sd.pop("model.layers.1.self_attn.q_proj.weight"))
+    for load in (models.load_config, models.load_model):
+        with pytest.raises(models.ModelLoadError, match=r"1 tensor\(s\) missing \(model\.layers"):
+            load(str(folder))
+
+
+def test_own_comparison_needs_no_loading_report(tiny_folder):
+    """The header comparison refuses by itself, without transformers' loading info."""
+    import torch
+
+    folder = tiny_folder("llama", layers=2)
+    model = models.load_model(str(folder))
+    files = models.weight_shapes(folder)
+    models.check_weights_fit(model, folder, files, info={})  # fits
+    del files["model.norm.weight"]
+    with pytest.raises(models.ModelLoadError, match=r"missing \(model\.norm\.weight\)"):
+        models.check_weights_fit(model, folder, files, info={})
+    files["model.norm.weight"] = (33,)
+    with pytest.raises(models.ModelLoadError, match=r"file \(33,\) vs config \(32,\)"):
+        models.check_weights_fit(model, folder, files, info={})
+    files["model.norm.weight"], files["stray.weight"] = (32,), (2,)
+    with pytest.raises(models.ModelLoadError, match=r"no place for \(stray\.weight\)"):
+        models.check_weights_fit(model, folder, files, info={})
+    assert isinstance(model.lm_head.weight, torch.nn.Parameter)
+
+
+def test_untied_head_must_be_present_tied_may_be_absent(tmp_path, tokenizer):
+    from conftest import save_tiny
+
+    tied = save_tiny("llama", tmp_path / "tied", tokenizer, layers=2)
+    assert "lm_head.weight" not in models.weight_shapes(tied)  # tied: saved once
+    models.load_config(str(tied))
+    untied = save_tiny("gpt_neox", tmp_path / "untied", tokenizer, layers=2)
+    models.load_config(str(untied))  # the file says embed_out, the model lm_head: renamed
+    _edit_weights(untied, lambda sd: sd.pop("embed_out.weight"))
+    for load in (models.load_config, models.load_model):
+        with pytest.raises(models.ModelLoadError, match=r"missing \(lm_head\.weight\)"):
+            load(str(untied))
+
+
+def test_checkpoint_with_older_names_still_loads(tmp_path, tokenizer):
+    """GPT-2 checkpoints on the hub name tensors without the "transformer." prefix and carry
+    the causal-mask buffers; transformers maps them, and so must the checks."""
+    import torch
+
+    from conftest import save_tiny
+
+    folder = save_tiny("gpt2", tmp_path / "gpt2", tokenizer, layers=2)
+    before = models.load_model(str(folder)).transformer.h[1].mlp.c_fc.weight.clone()
+
+    def hub_style(sd):
+        for k in list(sd):
+            sd[k.removeprefix("transformer.")] = sd.pop(k)
+        for i in range(2):
+            sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 256, 256)
+
+    _edit_weights(folder, hub_style)
+    models.load_config(str(folder))
+    model = models.load_model(str(folder))
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, before)
+
+
+def test_sharded_folder_and_its_index(tiny_folder):
+    folder = tiny_folder("llama", layers=2)
+    model = models.load_model(str(folder))
+    sharded = folder.parent / "sharded"
+    model.save_pretrained(sharded, max_shard_size="30KB")
+    index = json.loads((sharded / models.WEIGHTS_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert models.weight_shapes(sharded) == models.weight_shapes(folder)
+    models.load_model(str(sharded))
+    first = sorted(set(index["weight_map"].values()))[0]
+    (sharded / first).unlink()
+    with pytest.raises(models.ModelLoadError, match=f"names the shard {first}, which is not"):
+        models.load_config(str(sharded))
+
+
+def test_config_json_must_be_a_json_object(tiny_folder):
+    folder = tiny_folder("llama", layers=2)
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(models.ModelLoadError, match=r"config\.json is not valid JSON"):
+        models.load_config(str(folder))
+    (folder / "config.json").write_text('"llama"')
+    with pytest.raises(models.ModelLoadError, match="must hold a JSON object, got str"):
         models.load_model(str(folder))
+
+
+def test_check_context_names_the_flag_and_the_context():
+    from conftest import tiny_config
+    from inheritune.config import ConfigError
+
+    for arch in ("llama", "gpt2"):  # max_position_embeddings / n_positions
+        cfg = tiny_config(arch)
+        assert models.model_context(cfg) == 256
+        models.check_context(cfg, 256)
+        with pytest.raises(ConfigError, match=r"^--ppl-seq-len 257 is longer than the model's "):
+            models.check_context(cfg, 257, "ppl_seq_len")
+    assert models.model_context(object()) is None
+    models.check_context(object(), 10**9)  # a model that states no context is not refused
 
 
 def test_data_kinds(tmp_path, tokenizer, corpus_file):
@@ -142,10 +255,30 @@ def test_hf_datasets_local_files(tmp_path, tokenizer):
 
 
 def test_gguf_argument_resolves_to_its_folder(tmp_path):
+    import struct
+
     f = tmp_path / "model.Q4_1.gguf"
-    f.write_bytes(b"GGUF")
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     src = models.resolve_model(str(f))
     assert src.gguf_file == "model.Q4_1.gguf" and src.location == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"PK\x03\x04 a zip, not a gguf", "not a GGUF file"),
+        (b"GGUF", "not a GGUF file"),  # shorter than magic + version
+        (b"GGUF\x07\x00\x00\x00", "version 7"),
+        (b"GGUF\x03\x00\x00\x00" + b"\x01" * 10, "truncated or corrupt"),
+    ],
+)
+def test_bad_gguf_is_one_clear_error(tmp_path, content, match):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(content)
+    for load in (models.load_config, models.load_tokenizer, models.load_model):
+        with pytest.raises(models.ModelLoadError, match=match) as e:
+            load(str(f))
+        assert str(f) in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ every other setting (growth mode, target, lr schedule, precision, lr scales, ...
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 import inheritune
 from inheritune import recipe
-from inheritune.config import dataclass_from_dict, load_yaml
+from inheritune.config import dataclass_from_dict, flat_dict, load_yaml, to_dict
 from inheritune.recipe import RecipeConfig
 
 ALL_PRESETS = sorted((Path(inheritune.__file__).parent / "presets").glob("*.yaml"))
@@ -63,7 +62,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("path", COMPARE_PRESETS, ids=[p.stem for p in COMPARE_PRESETS])
 def test_compare_presets_parse(path):
-    from inheritune.baselines import CompareConfig
+    from inheritune.compare import CompareConfig
 
     dataclass_from_dict(CompareConfig, load_yaml(path), where=str(path))
 
@@ -79,22 +78,22 @@ def test_compare_presets_parse(path):
 def test_gpt2_presets_follow_the_paper(name, layers, init, lr, tokens_per_step):
     path = next(p for p in PRESETS if p.stem == name)
     cfg = dataclass_from_dict(RecipeConfig, load_yaml(path), where=str(path))
-    assert cfg.model == name
+    assert cfg.train.model == name
     for key, value in PAPER.items():
-        assert getattr(cfg, key) == value, key
-    assert cfg.lr == lr
+        assert flat_dict(cfg)[key] == value, key
+    assert cfg.train.lr == lr
     assert recipe.choose_init_depth(cfg.init_depth, layers, None) == init
     lo, hi = tokens_per_step
-    assert lo <= cfg.batch_size * cfg.seq_len <= hi
+    assert lo <= cfg.train.batch_size * cfg.train.seq_len <= hi
     assert cfg.max_depth is None or init < cfg.max_depth < layers
 
 
 def test_demo_preset_is_sized_for_the_cpu_demo():
     path = next(p for p in PRESETS if p.stem == "demo")
     cfg = dataclass_from_dict(RecipeConfig, load_yaml(path), where=str(path))
-    assert (cfg.model, cfg.data) == ("smollm2-135m", "shakespeare")
+    assert (cfg.train.model, cfg.train.data) == ("smollm2-135m", "shakespeare")
     assert cfg.min_rounds >= 2  # the demo always shows a growth step
-    assert cfg.precision == "fp32" and not cfg.compile
+    assert cfg.train.precision == "fp32" and not cfg.train.compile
     assert recipe.choose_init_depth(cfg.init_depth, 30, None) + cfg.grow_by <= 29
 
 
@@ -120,5 +119,5 @@ def test_preset_runs_one_step_on_a_tiny_model(path, tmp_path, tiny_folder, corpu
     assert rep["rounds"][0]["layers"] == recipe.choose_init_depth(cfg.init_depth, 26, None)
     assert rep["growth"] == cfg.growth
     resolved = load_yaml(tmp_path / "run" / "config.yaml")
-    assert resolved == {k: v for k, v in dataclasses.asdict(cfg).items()}
+    assert resolved == to_dict(cfg)
     assert res.final_model.is_dir()

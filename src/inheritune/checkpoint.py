@@ -4,7 +4,8 @@ A checkpoint is a standard Hugging Face folder that ``AutoModelForCausalLM.from_
 loads as is (``config.json``, ``model.safetensors``, tokenizer files), plus the training state:
 
 * ``optimizer.safetensors``: every optimizer state tensor, keyed ``{param_name}/{state_key}``;
-* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU/CUDA of every rank, numpy keys);
+* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU and CUDA of every rank, numpy
+  keys);
 * ``trainer_state.json``: step, tokens seen, data position, optimizer param groups (by
   parameter name), scalar optimizer state, Python/numpy RNG scalars, evaluation history;
 * ``manifest.json``: size and sha256 of every other file, written last.
@@ -61,7 +62,7 @@ class WriteError(CheckpointError):
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def _write_fault(err: BaseException) -> str | None:
+def refused_write(err: BaseException) -> str | None:
     """The OS's reason when ``err`` (or an exception it wraps) is a refused write, else None.
 
     safetensors (Rust) reports the OS error only in its message, ``... (os error 28)``, and
@@ -140,7 +141,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink(missing_ok=True)
-        if cause := _write_fault(e):
+        if cause := refused_write(e):
             raise _write_error(path, cause) from e
         raise
     _fsync_path(path.parent)
@@ -171,10 +172,17 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def spec_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Top-level keys whose values differ between two specs."""
+def spec_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two specs; nested sections as ``section.key``."""
     old, new = canonical(old), canonical(new)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
 
 
 class StaleCacheError(CheckpointError):
@@ -249,7 +257,7 @@ def write_folder_atomically(final: Path, populate: Callable[[Path], None], meta=
             os.replace(old, final)  # the new one never arrived: put the previous one back
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if cause := _write_fault(e):
+        if cause := refused_write(e):
             raise _write_error(final, cause) from e
         raise
     _fsync_path(final.parent)
@@ -355,16 +363,25 @@ def prune(root: Path, keep_last: int) -> None:
 # ----------------------------------------------------------------------------- state <-> files
 
 
-def rng_state(gathered_torch: list[torch.Tensor] | None = None) -> tuple[dict, dict]:
-    """(tensors, scalars) of the RNG states; ``gathered_torch`` = per-rank torch CPU states."""
+def rng_state(
+    gathered_cpu: list[torch.Tensor] | None = None,
+    gathered_cuda: list[torch.Tensor] | None = None,
+) -> tuple[dict, dict]:
+    """(tensors, scalars) of the RNG states.
+
+    ``gathered_cpu`` / ``gathered_cuda``: every rank's torch CPU state and the state of the CUDA
+    device it trains on, in rank order (dropout draws differ per rank, so each rank resumes its
+    own); default: this process's. Python and numpy states are this process's.
+    """
     version, keys, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     tensors = {"numpy_keys": torch.from_numpy(np.ascontiguousarray(np_keys).view(np.uint8))}
-    for r, t in enumerate(gathered_torch or [torch.get_rng_state()]):
+    for r, t in enumerate(gathered_cpu or [torch.get_rng_state()]):
         tensors[f"torch_cpu_rank{r}"] = t.to("cpu", torch.uint8).contiguous()
-    if torch.cuda.is_available():
-        for i, t in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda{i}"] = t.cpu().contiguous()
+    if gathered_cuda is None and torch.cuda.is_available():
+        gathered_cuda = [torch.cuda.get_rng_state()]
+    for r, t in enumerate(gathered_cuda or []):
+        tensors[f"torch_cuda_rank{r}"] = t.to("cpu", torch.uint8).contiguous()
     scalars = {
         "python": [version, list(keys), gauss],
         "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_cached)],
@@ -372,7 +389,14 @@ def rng_state(gathered_torch: list[torch.Tensor] | None = None) -> tuple[dict, d
     return tensors, scalars
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict, rank: int = 0) -> None:
+def set_rng_state(
+    tensors: dict[str, torch.Tensor],
+    scalars: dict,
+    rank: int = 0,
+    device: torch.device | None = None,
+) -> None:
+    """Restore what :func:`rng_state` saved: this ``rank``'s torch CPU state and, when it trains
+    on a CUDA ``device``, that device's state (default: the current CUDA device)."""
     version, keys, gauss = scalars["python"]
     random.setstate((version, tuple(keys), gauss))
     np_name, np_pos, np_has_gauss, np_cached = scalars["numpy"]
@@ -385,10 +409,14 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict, rank: int = 0
             f"fewer processes (resume with the same number of processes for an exact resume)"
         )
     torch.set_rng_state(tensors[key])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return
+    if f"torch_cuda_rank{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"torch_cuda_rank{rank}"], device or "cuda")
+        return
+    legacy = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda")]  # rank 0's devices
+    if legacy and len(legacy) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(legacy)
 
 
 def save_training_state(

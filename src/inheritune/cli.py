@@ -54,7 +54,7 @@ COMMANDS: dict[str, Command] = {
         "the whole recipe: inherit, train, compare, grow",
     ),
     "compare": Command(
-        "inheritune.baselines",
+        "inheritune.compare",
         "CompareConfig",
         "compare",
         "baselines and pruning alternatives at equal budget",
@@ -83,11 +83,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, FileNotFoundError, *named)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other user error (no usage
+    dump: ``--help`` shows it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's flags are built (its module imported)."""
     from inheritune import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="inheritune",
         description="Build smaller, stronger LMs from a larger pretrained one (arXiv 2404.08634).",
     )
@@ -131,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         fn(cfg)
     except _user_errors() as e:
         print(f"inheritune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A write the OS refused outside the atomic helpers (which raise WriteError): still
+        # the user's disk or permissions, not a bug, so one line too.
+        from inheritune.checkpoint import refused_write
+
+        cause = refused_write(e)
+        if cause is None:
+            raise
+        where = f"{e.filename}: {cause}" if e.filename else f"{cause} ({e})"
+        print(f"inheritune {ns.command}: error: {where}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -227,6 +228,40 @@ def check_unit_interval(name: str, value: float) -> None:
     """Raise unless 0 < value <= 1."""
     if not (0.0 < float(value) <= 1.0):
         raise ConfigError(f"{flag(name)} must be in (0, 1], got {value}")
+
+
+MAX_INT = 2**53  # larger integers lose exactness as floats and overflow numpy/torch indices
+
+
+def validate_numbers(obj: Any) -> None:
+    """The one numeric check every config runs first in ``__post_init__``.
+
+    Every int/float field must hold a number of its declared type (YAML can hold anything),
+    finite, at most ``MAX_INT`` in size, and within the field's bounds: ``metadata["min"]``
+    (default 0: no setting of ours is negative unless it says so) and ``metadata["max"]``.
+    The message names the flag. Range rules that involve two fields stay in the config.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, optional = _base_type(hints[f.name])
+        if tp not in (int, float):
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{flag(f.name)} must be {kind}, got {value!r}")
+        if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_INT:
+            raise ConfigError(f"{flag(f.name)} must be a finite number of sane size, got {value}")
+        if tp is int:
+            if not float(value).is_integer():
+                raise ConfigError(f"{flag(f.name)} must be an integer, got {value!r}")
+            setattr(obj, f.name, int(value))
+        low, high = f.metadata.get("min", 0), f.metadata.get("max")
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{flag(f.name)} must be {bound}, got {value}")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

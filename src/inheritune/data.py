@@ -37,7 +37,10 @@ import torch
 
 from inheritune import assets
 
-DEFAULT_CORPORA = {assets.DEFAULT_CORPUS: assets.ensure_default_corpus}
+DEFAULT_CORPORA = {
+    assets.DEFAULT_CORPUS: assets.ensure_default_corpus,
+    assets.GENERAL_CORPUS: assets.ensure_general_corpus,  # general English, a second val set
+}
 VAL_FRACTION = 0.05
 PIECE_BYTES = 1 << 20  # long .txt files are streamed in ~1 MB pieces cut at line ends
 MAX_BAD_CHAR_SHARE = 0.01  # a .txt piece with more U+FFFD/NUL characters than this is not text

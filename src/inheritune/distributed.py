@@ -1,35 +1,69 @@
-"""Process groups, DDP/FSDP wrapping and the few collectives the training loop needs.
+"""Process groups, one-preparer coordination, DDP/FSDP wrapping and the few collectives the
+training loop needs.
 
 One process trains with no process group at all. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the
-environment) :func:`setup` starts one: NCCL when the process has a GPU, gloo on CPU. The loop
-then wraps its loss module with DDP, or with FSDP2 (``fully_shard`` per decoder block, then the
-root) when ``--fsdp`` is given. Rank 0 alone writes logs and checkpoints; every rank reads them.
+environment) :func:`setup` starts one: NCCL when the process has a GPU, gloo on CPU, with a long
+timeout (``--dist-timeout``, default 6 h) so that later collectives survive a slow first step.
+The loop then wraps its loss module with DDP, or with FSDP2 (``fully_shard`` per decoder block,
+then the root; bf16 parameters with fp32 gradient reduction under ``--precision bf16``) when
+``--fsdp`` is given. :func:`load_sharded_model` builds a model from a folder straight into its
+shards, so no rank ever holds the whole model. Rank 0 alone writes logs and checkpoints.
+
+Preparing shared files (tokenising a corpus, converting the default model) is done by exactly one
+process, :func:`run_once`: global rank 0 when the cache is on a filesystem every node sees (the
+default), local rank 0 of every node when ``INHERITUNE_NODE_LOCAL_CACHE=1`` says each node has its
+own cache. The others poll for the finished file, not a collective, so a six-hour tokenisation
+never trips a collective timeout, and a failure of the preparer reaches them as the same error.
 
 Multi-node: run the same ``torchrun`` line on every node with ``--nnodes N --node-rank I
---rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (see the README).
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (see the README's "Scaling up").
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
+import importlib
+import json
+import math
 import os
-from collections.abc import Iterator
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from inheritune.config import ConfigError
+
+R = TypeVar("R")
+
+# Long enough for one process to tokenise OpenWebText (~9B tokens) while the others wait.
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+# "1": INHERITUNE_CACHE is local to each node, so one process per node prepares it.
+NODE_LOCAL_ENV = "INHERITUNE_NODE_LOCAL_CACHE"
+
+
+class PeerError(RuntimeError):
+    """Another process failed, or did not finish in time, preparing what this one waits for."""
+
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: rank, world size and its device."""
+    """Where this process sits: rank, world size, its device, and how long it waits for others."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    timeout: float = DEFAULT_TIMEOUT_S  # seconds to wait for the preparer (and for collectives)
+    job: str = ""  # id shared by the ranks of one torchrun job (names its error markers)
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +73,15 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def is_preparer(self) -> bool:
+        """The one process (per shared filesystem) that prepares cached files."""
+        return self.local_rank == 0 if node_local_cache() else self.rank == 0
+
+
+def node_local_cache() -> bool:
+    return os.environ.get(NODE_LOCAL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
 
 def _device_for(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
@@ -46,27 +89,53 @@ def _device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup() -> DistEnv:
+# The process group is process-wide state already (torch.distributed's); these two values
+# belong to it: the wait limit the command asked for and the job id agreed when it started.
+_group: dict[str, Any] = {}
+
+
+def setup(timeout: float | None = None) -> DistEnv:
     """The current process's :class:`DistEnv`, starting a process group under torchrun.
 
     Idempotent: a group started by the caller (or an earlier call) is reused, so the recipe can
-    train several rounds in one torchrun job.
+    train several rounds in one torchrun job. ``timeout`` (seconds; ``--dist-timeout``) bounds
+    every wait for another rank; the first call that starts the group also gives it this timeout.
     """
+    if timeout is not None:
+        if timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout}")
+        _group["timeout"] = float(timeout)
+    wait = _group.get("timeout", DEFAULT_TIMEOUT_S)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = _device_for(local) if dist.get_backend() == "nccl" else torch.device("cpu")
-        return DistEnv(rank, world, local, device)
+        return DistEnv(rank, world, local, device, wait, _job_id(device))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistEnv(0, 1, 0, _device_for(0))
+        return DistEnv(0, 1, 0, _device_for(0), wait)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device_for(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=wait),
+    )
     atexit.register(cleanup)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local, device, wait, _job_id(device))
+
+
+def _job_id(device: torch.device) -> str:
+    """A random id rank 0 draws once per process group and broadcasts (every rank calls setup
+    when the group starts). Error markers carry it, so a marker left by an earlier failed job
+    is never mistaken for this job's."""
+    key = id(dist.distributed_c10d._get_default_group())
+    if _group.get("job_of") != key:
+        box = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        _group["job"], _group["job_of"] = box[0], key
+    return _group["job"]
 
 
 def cleanup() -> None:
@@ -86,6 +155,13 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise maximum of a tensor over ranks, in place (no-op on one process)."""
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def gather_tensors(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     """Every rank's copy of a same-shaped tensor (used for per-rank RNG states)."""
     if not env.distributed:
@@ -96,16 +172,138 @@ def gather_tensors(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     return [o.cpu() for o in out]
 
 
-def wrap(module: nn.Module, layers: nn.ModuleList, env: DistEnv, fsdp: bool) -> nn.Module:
-    """DDP (or FSDP2 with one shard group per block) around ``module``; as is on one process."""
+# ----------------------------------------------------------------------------- one preparer
+
+
+def run_once(
+    marker: str | Path,
+    fn: Callable[[], R],
+    env: DistEnv | None = None,
+    *,
+    what: str,
+    error_dir: str | Path | None = None,
+    poll: float = 0.5,
+) -> R | None:
+    """Run ``fn`` on the preparer (:attr:`DistEnv.is_preparer`) only; the others wait for it.
+
+    ``marker`` is the file whose existence means "done" (``fn`` may write it; otherwise it is
+    written atomically here after ``fn`` returns). Waiting ranks poll for it for at most
+    ``env.timeout`` seconds; when ``fn`` raises, the preparer writes an error marker (in
+    ``error_dir``, default the marker's folder: pass a folder outside whatever ``fn`` builds) and
+    every waiting rank raises the same error type with its message instead of hanging. On one
+    process ``fn`` simply runs. Returns ``fn``'s result on the preparer, None elsewhere.
+    """
+    env = env or setup()
+    if not env.distributed:
+        return fn()
+    marker = Path(marker)
+    error_dir = Path(error_dir) if error_dir is not None else marker.parent
+    stem = "." + str(marker.relative_to(error_dir)).replace(os.sep, "--") + ".error-"
+    error = error_dir / (stem + env.job)
+    if env.is_preparer:
+        for stale in error_dir.glob(stem + "*") if error_dir.is_dir() else ():
+            if stale != error:  # left by an earlier job that failed
+                stale.unlink(missing_ok=True)
+        try:
+            result = fn()
+        except BaseException as e:
+            _write_error(error, e, env)
+            raise
+        if not marker.exists():
+            from inheritune.checkpoint import atomic_write_text
+
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, "done\n")
+        return result
+    _wait_for(marker, error, env, what, poll)
+    return None
+
+
+def _write_error(path: Path, err: BaseException, env: DistEnv) -> None:
+    """Best effort: the preparer is failing already, and its own error must win."""
+    from inheritune.checkpoint import atomic_write_text
+
+    cls = type(err)
+    record = {
+        "module": cls.__module__,
+        "type": cls.__qualname__,
+        "message": str(err) or cls.__name__,
+    }
+    record["rank"] = env.rank
+    with contextlib.suppress(Exception):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record))
+
+
+def _wait_for(marker: Path, error: Path, env: DistEnv, what: str, poll: float) -> None:
+    deadline = time.monotonic() + env.timeout
+    announced = False
+    while not marker.exists():
+        if error.is_file():
+            raise _peer_error(json.loads(error.read_text()), what)
+        if time.monotonic() > deadline:
+            who = "local rank 0 of this node" if node_local_cache() else "rank 0"
+            raise PeerError(
+                f"rank {env.rank} waited {env.timeout:.0f} s for {who} to prepare {what} "
+                f"({marker} did not appear); raise --dist-timeout, or prepare it ahead of the "
+                f"job (inheritune prepare / inheritune setup)"
+            )
+        if not announced and env.local_rank == 1:  # one line per node, not one per rank
+            print(f"[inheritune] waiting for another process to prepare {what}", file=sys.stderr)
+            announced = True
+        time.sleep(poll)
+
+
+def _peer_error(record: dict[str, Any], what: str) -> BaseException:
+    """The preparer's exception, re-raised here as the same type where that is one of ours or a
+    builtin (so the CLI prints it as the one-line error it is), else as :class:`PeerError`."""
+    message = f"{record['message']} (while rank {record.get('rank', 0)} prepared {what})"
+    module, name = record.get("module", ""), record.get("type", "")
+    if module == "builtins" or module.startswith("inheritune."):
+        with contextlib.suppress(Exception):
+            cls = getattr(importlib.import_module(module), name)
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                return cls(message)
+    return PeerError(f"{name}: {message}")
+
+
+# ----------------------------------------------------------------------------- DDP and FSDP
+
+
+def mixed_precision(precision: str):
+    """FSDP2's policy for ``--precision``: bf16 parameters and activations, fp32 gradient
+    reduction (the sum over ranks keeps full precision); None for fp32."""
+    if precision != "bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_blocks(layers: nn.ModuleList, precision: str = "fp32") -> None:
+    """``fully_shard`` every decoder block not sharded yet (one all-gather per block)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in layers:
+        if not is_fsdp(block):
+            fully_shard(block, mp_policy=mixed_precision(precision))
+
+
+def wrap(
+    module: nn.Module, layers: nn.ModuleList, env: DistEnv, fsdp: bool, precision: str = "fp32"
+) -> nn.Module:
+    """DDP (or FSDP2 with one shard group per block) around ``module``; as is on one process.
+
+    Blocks already sharded by :func:`load_sharded_model` are kept as they are.
+    """
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         if not env.distributed:
             return module  # one process: sharding would only add overhead
-        for block in layers:
-            fully_shard(block)
-        fully_shard(module)  # root: embeddings, final norm and head (tied weights stay one)
+        shard_blocks(layers, precision)
+        # root: embeddings, final norm and head (tied weights stay one)
+        fully_shard(module, mp_policy=mixed_precision(precision))
         return module
     if not env.distributed:
         return module
@@ -113,6 +311,94 @@ def wrap(module: nn.Module, layers: nn.ModuleList, env: DistEnv, fsdp: bool) -> 
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(module, device_ids=ids)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is an FSDP shard (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def load_sharded_model(
+    folder: str | Path, config, env: DistEnv, precision: str = "fp32", **from_config: Any
+) -> nn.Module:
+    """The model of an HF ``folder`` with every decoder block FSDP-sharded across the ranks.
+
+    Built without memory (parameters on the meta device; buffers such as rotary frequencies are
+    computed for real), each block sharded, then every rank allocates and reads only its own rows
+    of each block's tensors from the safetensors files. Embeddings, final norm and head stay
+    whole until :func:`wrap` shards the root. One process: an ordinary model.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from inheritune.arch import get_arch
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **from_config)
+    if env.distributed:
+        shard_blocks(get_arch(model).layers, precision)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    model.to_empty(device=env.device)  # parameters get memory (this rank's shards only)
+    model.tie_weights()  # the meta and the materialised parameters are new objects: tie again
+    for name, buf in model.named_buffers():
+        buf.copy_(buffers[name])
+    load_weights(model, folder)
+    return model
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Read ``model``'s weights from the safetensors files in ``folder`` in place: a sharded
+    parameter gets only this rank's rows, a whole one all of them. Tied copies may be absent."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from inheritune import checkpoint as ckpt
+
+    folder = Path(folder)
+    where: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name not in (ckpt.OPTIMIZER, ckpt.RNG):
+            with safe_open(str(f), framework="pt") as st:
+                where.update(dict.fromkeys(st.keys(), f))
+    params = dict(model.named_parameters())  # tied weights once, under their first name
+    wanted: dict[str, torch.Tensor] = dict(params)
+    for name, t in model.state_dict(keep_vars=True).items():  # + persistent buffers
+        if name not in params and not isinstance(t, nn.Parameter):
+            wanted[name] = t
+    missing = [n for n in params if n not in where]
+    if missing:
+        raise ckpt.CheckpointError(
+            f"{folder} does not fit this model: it lacks {len(missing)} tensor(s) "
+            f"({', '.join(missing[:5])})"
+        )
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name in where:
+            by_file.setdefault(where[name], []).append(name)
+    with torch.no_grad():
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for name in names:
+                    t = wanted[name]
+                    if isinstance(t, DTensor):
+                        local = t.to_local()
+                        start = _shard_start(t)
+                        rows = st.get_slice(name)[start : start + local.shape[0]]
+                        local.copy_(rows)
+                    else:
+                        t.copy_(st.get_tensor(name))
+
+
+def _shard_start(t) -> int:
+    """First row of this rank's shard of a dim-0-sharded DTensor (FSDP2 uses torch.chunk)."""
+    mesh = t.device_mesh
+    per = math.ceil(t.shape[0] / mesh.size())
+    start = min(mesh.get_local_rank() * per, t.shape[0])
+    if t.to_local().shape[0] != max(0, min(per, t.shape[0] - start)):
+        raise RuntimeError(f"unexpected shard layout {t.placements} for shape {tuple(t.shape)}")
+    return start
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from inheritune import models
-from inheritune.config import ConfigError, check_positive, flag, save_resolved
+from inheritune.config import ConfigError, check_positive, flag, save_resolved, validate_numbers
 
 # The zero-shot suite of the paper's FineWeb-edu comparison (PAPER.md section 4).
 PAPER_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")
@@ -92,6 +92,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         if isinstance(self.tasks, str):  # from YAML: "a,b"
             self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
         if self.tasks is None:

@@ -4,8 +4,10 @@ Every command that needs a model, its tokenizer or a tokenised corpus calls :fun
 works cheapest-first so that bad input fails before any weights are read: the model's config
 (and each ``seq_len`` against the model's context), the tokenizer, the tokens, then the weights.
 
-Under ``torchrun`` exactly one process tokenises a cold corpus; the others wait for it and then
-open the same token folder (see :func:`inheritune.data.load_tokens`).
+Under ``torchrun`` exactly one process tokenises a cold corpus (and converts the default model);
+the others wait for the finished files, then open them (:func:`inheritune.distributed.run_once`).
+With ``fsdp`` each rank reads only its shards of a model folder
+(:func:`inheritune.distributed.load_sharded_model`).
 """
 
 from __future__ import annotations
@@ -43,15 +45,25 @@ def resolve_device(arg: str = "auto") -> torch.device:
         raise ConfigError(f"{flag('device')} {arg!r} is not a device ({e})") from e
 
 
-def load_tokens(data_arg: str, tokenizer) -> data.Tokens:
-    """The token folder of ``data_arg``, tokenised by one process when it is not cached yet."""
-    env = distributed.setup()
-    if env.is_main:
-        tokens = data.load_tokens(data_arg, tokenizer)
-    distributed.barrier(env)
-    if not env.is_main:
-        tokens = data.load_tokens(data_arg, tokenizer)
-    return tokens
+def load_tokens(data_arg: str, tokenizer, env: distributed.DistEnv | None = None) -> data.Tokens:
+    """The token folder of ``data_arg``, tokenised by one process when it is not cached yet.
+
+    The others wait (up to ``--dist-timeout``) for the folder's ``meta.json``, which
+    :func:`inheritune.prepare.prepare_tokens` writes last, then open the same folder.
+    """
+    env = env or distributed.setup()
+    source = data.resolve_data(data_arg)  # a default corpus is prepared by one process too
+    if source.kind == "tokens":
+        return data.load_tokens(source, tokenizer)
+    folder = data.token_cache_folder(source, tokenizer)
+    tokens = distributed.run_once(
+        folder / data.META_FILE,
+        lambda: data.load_tokens(source, tokenizer),
+        env,
+        what=f"the tokens of {data_arg} in {folder}",
+        error_dir=folder.parent,  # outside the folder prepare builds
+    )
+    return tokens if tokens is not None else data.load_tokens(source, tokenizer)
 
 
 def load(
@@ -65,21 +77,34 @@ def load(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    dist_timeout: float | None = None,
+    fsdp: bool = False,
+    precision: str = "fp32",
 ) -> Inputs:
     """Load what a command needs from its ``--model`` and ``--data`` arguments.
 
     ``device=None`` leaves the model on the CPU (the training loop places it itself);
     ``"auto"`` picks this process's accelerator. ``seq_lens`` are checked against the model's
-    context before anything heavy runs.
+    context before anything heavy runs. ``dist_timeout`` (``--dist-timeout``) bounds how long a
+    process waits for the one that prepares. ``fsdp`` under torchrun: the decoder blocks come
+    back sharded on this process's device (a model folder; other arguments load whole).
     """
+    env = distributed.setup(dist_timeout)  # first: starts the process group with that timeout
     config = models.load_config(model, trust_remote_code)
     for n in seq_lens:
         models.check_context(config, n)
     tok = models.load_tokenizer(model, trust_remote_code) if tokenizer or data_arg else None
-    tokens = load_tokens(data_arg, tok) if data_arg is not None else None
+    tokens = load_tokens(data_arg, tok, env) if data_arg is not None else None
     target = resolve_device(device) if device is not None else torch.device("cpu")
     net = None
-    if weights:
+    src = models.resolve_model(model)
+    if weights and fsdp and env.distributed and src.is_local and not src.gguf_file:
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        net = distributed.load_sharded_model(
+            src.path, config, env, precision, trust_remote_code=trust_remote_code, **extra
+        )
+        target = env.device
+    elif weights:
         net = models.load_model(
             model,
             dtype=dtype,

@@ -1,8 +1,14 @@
-"""What a training run reports while it runs: log.jsonl, throughput, stop signals, the plot.
+"""What a training run reports while it runs: log.jsonl, throughput, MFU, memory, stop signals,
+the plot.
 
 * :class:`JsonlLog`: one JSON object per line (train steps and evaluations), rank 0 only; on
-  resume the lines of steps the run will redo are dropped.
+  resume the lines of steps the run will redo are dropped. Its first line (``"kind": "meta"``)
+  states the peak FLOP/s that MFU is measured against and where that number comes from. With
+  ``--tensorboard DIR`` the same scalars also go to TensorBoard.
 * :class:`Throughput`: tokens/s over training time only (evaluation and checkpoints excluded).
+* :func:`model_flops_per_token`, :func:`device_peak`, :func:`peak_memory`: MFU (model FLOPs
+  utilisation) = FLOPs per token x tokens/s / (peak FLOP/s x devices), and the memory high-water
+  mark (CUDA allocator on GPU, process RSS on CPU).
 * :class:`StopFlag` + :func:`catch_signals`: SIGINT/SIGTERM ask the loop to save and stop at the
   next step boundary; a second Ctrl-C stops at once.
 * :func:`plot_training`: ``loss.png`` of the train and validation curves.
@@ -11,14 +17,24 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
+import resource
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from inheritune.checkpoint import atomic_write_text
+from inheritune.config import ConfigError
 
 
 class StopFlag:
@@ -73,26 +89,178 @@ class Throughput:
 
 
 class JsonlLog:
-    """log.jsonl writer (rank 0 only)."""
+    """log.jsonl writer (rank 0 only), and TensorBoard scalars when ``tensorboard`` names a folder.
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    ``header``: the run's ``"kind": "meta"`` record, kept as the file's first line (a resumed run
+    replaces the earlier one: it may run on other devices).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        resume_step: int | None,
+        header: dict[str, Any] | None = None,
+        tensorboard: str | None = None,
+    ):
         self.path = path
         self.enabled = enabled
+        self._tb = None
         if not enabled:
             return
-        if resume_step is None:
-            path.write_text("")
-        elif path.is_file():  # drop lines of steps the resumed run will redo
+        keep: list[str] = []
+        if resume_step is not None and path.is_file():  # drop lines of steps to be redone
             keep = [
                 line
                 for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                if line.strip()
+                and (header is None or json.loads(line).get("kind") != "meta")
+                and json.loads(line).get("step", 0) <= resume_step
             ]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if header is not None:
+            keep.insert(0, json.dumps({"kind": "meta", **header}))
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if tensorboard:
+            self._tb = tensorboard_writer(tensorboard)
+            if resume_step is not None:
+                self._tb.purge_step = resume_step + 1  # TensorBoard drops the redone steps
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            _append_log(self.path, record)
+        if not self.enabled:
+            return
+        _append_log(self.path, record)
+        if self._tb is not None and "step" in record:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def check_tensorboard() -> None:
+    """Refuse ``--tensorboard`` up front when the package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package, which is not installed: "
+            "pip install tensorboard"
+        )
+
+
+def tensorboard_writer(logdir: str):
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=logdir)
+
+
+# ----------------------------------------------------------------------------- MFU and memory
+
+# Dense (no sparsity) peak FLOP/s per device from NVIDIA's datasheets, by a substring of
+# torch.cuda.get_device_name(); the more specific names first. "tf32" applies to fp32 matmuls
+# when torch.backends.cuda.matmul.allow_tf32 is on.
+GPU_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 NVL": {"bf16": 835.5e12, "tf32": 417.5e12, "fp32": 60.0e12},
+    "H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "A100": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Peak FLOP/s of one device in the run's precision, and where the number comes from."""
+
+    flops: float
+    source: str
+
+
+def _known_gpu_peak(device: torch.device, precision: str) -> Peak | None:
+    name = torch.cuda.get_device_name(device)
+    kind = precision
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        kind = "tf32"
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return Peak(peaks[kind], f"datasheet: {name}, {kind} dense")
+    return None
+
+
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3
+) -> float:
+    """FLOP/s of a square ``n``^3 matmul loop run for about ``seconds`` (the method of
+    benchmarks/bench_train.py, bounded in time so every run can afford it at startup)."""
+    g = torch.Generator(device).manual_seed(0)  # a private generator: training's RNG untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up (kernel selection, thread pool start)
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and iters >= 3:
+            return 2 * n**3 * iters / elapsed
+
+
+@functools.cache
+def device_peak(device: torch.device, precision: str = "fp32") -> Peak:
+    """The peak MFU is measured against: a known GPU's datasheet value, else a matmul measured
+    once per process on this device (CPU: with this process's threads)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        known = _known_gpu_peak(device, precision)
+        if known is not None:
+            return known
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    flops = measure_matmul_peak(device, dtype)
+    where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return Peak(flops, f"measured: 1024^3 {precision} matmul loop on {where}{threads}")
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 L d T for the
+    attention scores and values (PaLM, appendix B; the non-causal convention).
+
+    N counts every parameter that takes part in a matmul: the input embedding is a lookup and is
+    left out, unless it is tied to the head, which is a matmul. Assumes every parameter trains.
+    """
+    cfg = model.config
+    unique = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in unique.values())
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embed:
+        n -= embed.numel()
+    layers, d = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+    return 6.0 * n + 12.0 * layers * d * seq_len
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: Peak, devices: int) -> float:
+    """Model FLOPs utilisation of ``devices`` devices with the given peak each."""
+    if not math.isfinite(tokens_per_s) or peak.flops <= 0:
+        return 0.0
+    return flops_per_token * tokens_per_s / (peak.flops * devices)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at this process's high-water mark: the CUDA allocator's on GPU, RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:

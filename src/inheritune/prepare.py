@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from inheritune import assets, data
-from inheritune.config import ConfigError, check_positive, flag, save_resolved
+from inheritune.config import ConfigError, check_positive, flag, save_resolved, validate_numbers
 from inheritune.data import META_FILE, PLAN_FILE, TOKENS_FILE, DataError, Piece, TextSource
 
 DEFAULT_SHARD_MB = 8.0
@@ -116,6 +116,7 @@ class PrepareConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         for name in ("num_proc", "val_docs_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

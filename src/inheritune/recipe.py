@@ -54,6 +54,7 @@ from inheritune.config import (
     nested,
     save_resolved,
     to_dict,
+    validate_numbers,
 )
 from inheritune.report import build_report, measure_speeds, verdict_line, write_report
 from inheritune.train import TrainConfig, TrainResult, train_model
@@ -195,6 +196,7 @@ class RecipeConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         self.init_depth = str(self.init_depth).strip()
         if self.init_depth not in ("half", "analysis") and (
             not self.init_depth.isdigit() or int(self.init_depth) < 1

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from inheritune.arch import UnsupportedModelError, get_arch
-from inheritune.config import ConfigError, save_resolved
+from inheritune.config import ConfigError, save_resolved, validate_numbers
 
 PARTS = ("block", "attn", "mlp", "attn+mlp")
 # Which block parts each --parts choice inherits; the rest of a kept block is freshly initialised.
@@ -406,6 +406,7 @@ class InheritConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
         if self.export_mergekit and self.parts != "block":  # mergekit copies whole layers
             raise ConfigError(f"--export-mergekit needs --parts block, got {self.parts!r}")
         if (self.num_layers is None) == (self.layers is None):

@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 from inheritune import checkpoint as ckpt
 from inheritune import data, distributed, losses, monitor, optim
 from inheritune.arch import get_arch
-from inheritune.config import ConfigError, check_positive, flag, save_resolved, to_dict
+from inheritune.config import (
+    ConfigError,
+    check_positive,
+    flag,
+    save_resolved,
+    to_dict,
+    validate_numbers,
+)
 from inheritune.distill import Teacher, shared_bottom
 from inheritune.optim import SCHEDULES
 
@@ -64,12 +71,15 @@ class TrainConfig:
     )
     data: str = field(default="shakespeare", metadata=_h("corpus name, text/jsonl file or folder"))
     out: str = field(default="runs/train", metadata=_h("output folder (logs, checkpoints, final)"))
-    steps: int = field(default=200, metadata=_h("optimizer steps"))
+    steps: int = field(default=200, metadata=_h("optimizer steps", min=1))
     batch_size: int = field(
-        default=8, metadata=_h("global sequences per optimizer step (all processes together)")
+        default=8,
+        metadata=_h("global sequences per optimizer step (all processes together)", min=1),
     )
-    seq_len: int = field(default=256, metadata=_h("tokens per training sequence"))
-    grad_accum: int = field(default=1, metadata=_h("micro-batches per step (splits --batch-size)"))
+    seq_len: int = field(default=256, metadata=_h("tokens per training sequence", min=1))
+    grad_accum: int = field(
+        default=1, metadata=_h("micro-batches per step (splits --batch-size)", min=1)
+    )
     lr: float = field(default=3e-4, metadata=_h("peak learning rate"))
     min_lr: float = field(default=1e-5, metadata=_h("learning rate at the end of the decay"))
     schedule: str = field(
@@ -87,10 +97,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.1, metadata=_h("AdamW weight decay (matrices only)"))
     grad_clip: float = field(default=1.0, metadata=_h("max global gradient norm (0 = off)"))
     eval_every: int = field(default=50, metadata=_h("evaluate every N steps (0 = start/end)"))
-    eval_tokens: int = field(default=32768, metadata=_h("validation tokens per evaluation"))
+    eval_tokens: int = field(default=32768, metadata=_h("validation tokens per evaluation", min=1))
     save_every: int = field(default=50, metadata=_h("checkpoint every N steps (0 = end only)"))
     keep_last: int = field(default=2, metadata=_h("checkpoints to keep (0 = all)"))
-    log_every: int = field(default=5, metadata=_h("log a training line every N steps"))
+    log_every: int = field(default=5, metadata=_h("log a training line every N steps", min=1))
     precision: str = field(
         default="fp32", metadata=_h("fp32, or bf16 autocast", choices=("fp32", "bf16"))
     )
@@ -98,6 +108,21 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_h("seed of the data order and dropout"))
     resume: bool = field(default=False, metadata=_h("continue from the latest checkpoint in --out"))
     fsdp: bool = field(default=False, metadata=_h("shard the model with FSDP2 under torchrun"))
+    grad_checkpointing: bool = field(
+        default=False,
+        metadata=_h("recompute each block's activations in the backward pass (less memory)"),
+    )
+    dist_timeout: float = field(
+        default=distributed.DEFAULT_TIMEOUT_S,
+        metadata=_h(
+            "seconds a torchrun process waits for the one that prepares data or models (also "
+            "the process-group timeout)",
+            min=1,
+        ),
+    )
+    tensorboard: str | None = field(
+        default=None, metadata=_h("also write the logged scalars to TensorBoard in this folder")
+    )
     embed_lr_scale: float = field(
         default=1.0, metadata=_h("lr multiplier of embeddings (and a tied head)")
     )
@@ -135,21 +160,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every"):
-            check_positive(name, getattr(self, name))
-        for name in (
-            "train_top",
-            "distill_hidden",
-            "warmup",
-            "eval_every",
-            "save_every",
-            "keep_last",
-            "weight_decay",
-            "time_budget",
-        ):
-            check_positive(name, getattr(self, name), allow_zero=True)
-        for name in ("grad_clip", "min_lr", "embed_lr_scale", "head_lr_scale", "norm_lr_scale"):
-            check_positive(name, getattr(self, name), allow_zero=True)
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
+        # Non-negativity, finiteness and types: validate_numbers; open bounds here.
         check_positive("lr", self.lr)
         check_positive("distill_temperature", self.distill_temperature)
         if self.min_lr > self.lr:
@@ -168,6 +180,8 @@ class TrainConfig:
             raise ConfigError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         if isinstance(self.freeze, str):
             self.freeze = [s for s in self.freeze.split(",") if s]
+        if self.tensorboard:
+            monitor.check_tensorboard()
 
     def micro_batch(self, world_size: int = 1) -> int:
         """Sequences per forward pass on one process (also the evaluation batch)."""
@@ -220,6 +234,10 @@ class _Run:
     meter: monitor.Throughput = field(default_factory=monitor.Throughput)
     stop: monitor.StopFlag = field(default_factory=monitor.StopFlag)
     time_up: bool = False  # --time-budget spent (agreed by every rank)
+    peak: monitor.Peak | None = None  # the device's peak FLOP/s that MFU is measured against
+    flops_per_token: float = 0.0
+    data_wait: float = 0.0  # seconds spent building batches since the last train log line
+    last_logged: int = 0  # step of the last train log line
 
     @property
     def out(self) -> Path:
@@ -274,10 +292,14 @@ class _Run:
         }
         model_sd = ckpt.full_model_state(self.model, self.fsdp)
         optim_sd = ckpt.optimizer_state(self.model, self.opt, self.fsdp)
-        rng = distributed.gather_tensors(torch.get_rng_state(), env)
+        # every rank's own CPU and CUDA generator states: each draws its own dropout masks
+        rng_cpu = distributed.gather_tensors(torch.get_rng_state(), env)
+        rng_cuda = None
+        if env.device.type == "cuda":
+            rng_cuda = distributed.gather_tensors(torch.cuda.get_rng_state(env.device), env)
         path = root / ckpt.step_name(self.step)
         if env.is_main:
-            tensors, scalars = ckpt.rng_state(rng)
+            tensors, scalars = ckpt.rng_state(rng_cpu, rng_cuda)
 
             def populate(tmp: Path) -> None:
                 ckpt.save_hf_folder(self.model, self.tokenizer, tmp, model_sd)
@@ -295,11 +317,13 @@ class _Run:
         returns the batch's mean loss on this rank as a float64 scalar, gradients accumulated."""
         cfg, env = self.cfg, self.env
         micro = cfg.micro_batch(env.world_size)
+        t_data = time.perf_counter()
         starts = self.sampler.next_starts(cfg.batch_size).reshape(
             cfg.grad_accum, env.world_size, -1
         )
         batch = data.gather_windows(self.tokens.train, starts[:, env.rank].reshape(-1), cfg.seq_len)
         batch = batch.view(cfg.grad_accum, micro, cfg.seq_len + 1).to(env.device)
+        self.data_wait += time.perf_counter() - t_data
         scale = losses.micro_loss_scale(
             micro * cfg.seq_len, cfg.batch_size * cfg.seq_len, env.world_size
         )
@@ -350,19 +374,32 @@ class _Run:
         )
 
     def write_train_log(self, loss: float, lr: float, grad_norm: float, t_start: float) -> None:
+        """A train line (a collective: peak memory and data wait are the worst rank's)."""
         rate = self.meter.window_rate()
-        self.log.write(
-            {
-                "kind": "train",
-                "step": self.step,
-                "tokens": self.tokens_seen,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": rate,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
+        steps = max(1, self.step - self.last_logged)
+        worst = torch.tensor(
+            [monitor.peak_memory(self.env.device), self.data_wait / steps],
+            dtype=torch.float64,
+            device=self.env.device,
         )
+        distributed.all_reduce_max(worst, self.env)
+        self.data_wait, self.last_logged = 0.0, self.step
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": rate,
+            "elapsed_s": time.perf_counter() - t_start,
+            "peak_mem_gb": float(worst[0]) / 1e9,
+            "data_wait_s": float(worst[1]),  # per step, building the batch before forward
+        }
+        if self.peak is not None:
+            mfu = monitor.mfu(self.flops_per_token, rate, self.peak, self.env.world_size)
+            record["mfu"] = mfu
+        self.log.write(record)
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
 
@@ -480,7 +517,7 @@ def _resume_point(cfg: TrainConfig, env: distributed.DistEnv) -> Path | None:
 
 def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
     """Check the inputs, restore a checkpoint if resuming, wrap the model, build the optimizer."""
-    env = distributed.setup()
+    env = distributed.setup(cfg.dist_timeout)
     out = Path(cfg.out)
     _check_inputs(model, tokenizer, tokens, cfg, env.world_size)
     if cfg.distill_alpha > 0 and teacher is None:
@@ -502,7 +539,10 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
     if resume_from is not None:
         optim_sd, state, rng_tensors, rng_scalars = ckpt.load_training_state(resume_from)
         _check_compatible(state, cfg, tokens, env.world_size)
-        ckpt.load_model_weights(model, resume_from)
+        if distributed.is_sharded(model):  # built sharded (load_sharded_model): own rows only
+            distributed.load_weights(model, resume_from)
+        else:
+            ckpt.load_model_weights(model, resume_from)
         sampler.load_state_dict(state["data"])
     else:
         torch.manual_seed(cfg.seed + env.rank)  # distinct dropout per rank
@@ -516,12 +556,27 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
                 f"(the bottom {teacher.shared} are shared with the student)"
             )
     fsdp = cfg.fsdp and env.distributed
-    loss_module = distributed.wrap(losses.CausalLMLoss(model), get_arch(model).layers, env, fsdp)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flops_per_token = monitor.model_flops_per_token(model, cfg.seq_len)  # before sharding
+    loss_module = distributed.wrap(
+        losses.CausalLMLoss(model), get_arch(model).layers, env, fsdp, cfg.precision
+    )
     opt = optim.make_optimizer(model, cfg, fsdp)
     if resume_from is not None:
         ckpt.load_optimizer_state(model, opt, optim_sd, fsdp)
-        ckpt.set_rng_state(rng_tensors, rng_scalars, env.rank)
+        ckpt.set_rng_state(rng_tensors, rng_scalars, env.rank, env.device)
     step = int(state["step"]) if state is not None else 0
+    peak = monitor.device_peak(env.device, cfg.precision) if env.is_main else None
+    header = None
+    if peak is not None:  # MFU's denominator, stated once at the top of log.jsonl
+        header = {
+            "peak_flops": peak.flops,
+            "peak_flops_source": peak.source,
+            "flops_per_token": flops_per_token,
+            "devices": env.world_size,
+            "device": str(env.device),
+        }
     run = _Run(
         cfg=cfg,
         env=env,
@@ -534,7 +589,13 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
         opt=opt,
         sampler=sampler,
         windows=windows,
-        log=monitor.JsonlLog(out / "log.jsonl", env.is_main, step if state is not None else None),
+        log=monitor.JsonlLog(
+            out / "log.jsonl",
+            env.is_main,
+            step if state is not None else None,
+            header=header,
+            tensorboard=cfg.tensorboard,
+        ),
         bar=tqdm(
             total=cfg.steps,
             initial=min(step, cfg.steps),
@@ -545,6 +606,9 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
         ),
         step=step,
         last_ckpt=resume_from,
+        peak=peak,
+        flops_per_token=flops_per_token,
+        last_logged=step,
     )
     if state is not None:
         run.tokens_seen, run.evals = int(state["tokens"]), list(state["evals"])
@@ -556,6 +620,7 @@ def _finish(run: _Run, interrupted: bool, wall: float) -> TrainResult:
     """Final checkpoint, final HF folder, plot and result.json (or the resume hint)."""
     env, out = run.env, run.out
     final_dir = out / "final"
+    run.log.close()  # TensorBoard's writer; log.jsonl is appended line by line
     if not interrupted:
         if run.step != run.last_saved:
             run.save()
@@ -639,7 +704,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     """The CLI entry: resolve model, tokenizer, data (and teacher), then :func:`train_model`."""
     from inheritune import inputs
 
-    loaded = inputs.load(cfg.model, cfg.data, trust_remote_code=cfg.trust_remote_code)
+    loaded = inputs.load(
+        cfg.model,
+        cfg.data,
+        trust_remote_code=cfg.trust_remote_code,
+        dist_timeout=cfg.dist_timeout,
+        fsdp=cfg.fsdp,
+        precision=cfg.precision,
+    )
     teacher = None
     if cfg.distill_alpha > 0:
         if not cfg.teacher:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from inheritune import baselines, cli, models, scoring, surgery
-from inheritune.baselines import VARIANTS, CompareConfig, compare
-from inheritune.config import ConfigError
+from inheritune import compare as compare_mod
+from inheritune.baselines import VARIANTS
+from inheritune.compare import CompareConfig, compare
+from inheritune.config import ConfigError, build, dataclass_from_args
 from inheritune.data import eval_windows, load_tokens
 from inheritune.losses import evaluate_loss
 
@@ -37,7 +39,7 @@ def make_cfg(folder, corpus, out, **kw) -> CompareConfig:
         "calib_windows": 4,
         "calib_seq_len": 16,
     }
-    return CompareConfig(**{**base, **kw})
+    return build(CompareConfig, **{**base, **kw})
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(baselines, "train_model", boom)
+    monkeypatch.setattr(compare_mod, "train_model", boom)
 
 
 def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsys):
@@ -90,7 +92,7 @@ def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsy
         assert r["layers"] == (4 if name in ("half-width", "scratch-full") else 2), name
         assert r["evals"][0]["step"] == 0 and r["evals"][-1]["tokens"] == r["tokens"]
         assert r["loss_after"] == r["evals"][-1]["val_loss"]
-        assert r["tokens_to_reference"] == baselines.tokens_to_reach(r["evals"], res.reference_loss)
+        assert r["tokens_to_reference"] == compare_mod.tokens_to_reach(r["evals"], res.reference_loss)
     assert "random-2x †" in md and "stacking †" in md and "inheritune †" not in md
     # distillation changes the trajectory of the same initial weights
     assert rows["kd-random"]["loss_after"] != rows["random"]["loss_after"]
@@ -138,9 +140,9 @@ def test_cached_variants_are_skipped_and_changes_refused(
     first = compare(cfg)
 
     calls = []
-    real = baselines.train_model
+    real = compare_mod.train_model
     monkeypatch.setattr(
-        baselines, "train_model", lambda *a, **k: calls.append(a[3].out) or real(*a, **k)
+        compare_mod, "train_model", lambda *a, **k: calls.append(a[3].out) or real(*a, **k)
     )
     again = compare(cfg)
     assert calls == []  # both finished: nothing retrained
@@ -162,7 +164,7 @@ def test_cached_variants_are_skipped_and_changes_refused(
 def test_unfinished_variant_resumes_from_its_checkpoint(
     tiny_folder, corpus_file, tmp_path, monkeypatch
 ):
-    from inheritune import train
+    from inheritune import data as train
 
     folder = tiny_folder("llama", layers=4)
     train_cfg = {**TRAIN, "save_every": 2}
@@ -195,9 +197,9 @@ def test_unfinished_variant_resumes_from_its_checkpoint(
     assert manifest.is_file()
 
     seen = []
-    real = baselines.train_model
+    real = compare_mod.train_model
     monkeypatch.setattr(
-        baselines, "train_model", lambda *a, **k: seen.append(a[3].resume) or real(*a, **k)
+        compare_mod, "train_model", lambda *a, **k: seen.append(a[3].resume) or real(*a, **k)
     )
     resumed = compare(cfg(tmp_path / "a")).rows[0]
     assert seen == [True]
@@ -221,8 +223,8 @@ def test_bad_input_is_refused_before_training(tiny_folder, corpus_file, tmp_path
         run(depth=3, variants=["inheritune", "stacking"])
     with pytest.raises(ConfigError, match="kd-every-other: needs reference layers 0,2,4"):
         run(depth=3, variants=["kd-every-other"])
-    with pytest.raises(ConfigError, match=r"--train may not set \['steps'\]"):
-        make_cfg(folder, corpus_file, tmp_path, train={"steps": 5})
+    with pytest.raises(ConfigError, match=r"\['resume'\] may not be set here"):
+        make_cfg(folder, corpus_file, tmp_path, train={"resume": True})
     with pytest.raises(ConfigError, match="unknown key"):
         make_cfg(folder, corpus_file, tmp_path, train={"batch": 5})
     with pytest.raises(ConfigError, match="--kd-alpha"):
@@ -237,7 +239,7 @@ def test_half_width_of_odd_heads(tiny_folder, corpus_file, tmp_path, monkeypatch
         compare(make_cfg(folder, corpus_file, tmp_path / "x", variants=["half-width"]))
     # without --variants it is skipped and the report says why
     monkeypatch.setattr(
-        baselines, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "half-width")}
+        compare_mod, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "half-width")}
     )
     res = compare(make_cfg(folder, corpus_file, tmp_path / "y", depth=3))
     assert [r["variant"] for r in res.rows] == ["inheritune"]
@@ -246,7 +248,7 @@ def test_half_width_of_odd_heads(tiny_folder, corpus_file, tmp_path, monkeypatch
 
 
 def test_odd_default_depth_skips_stacking(tiny_folder, corpus_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(baselines, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "hybrid")})
+    monkeypatch.setattr(compare_mod, "VARIANTS", {k: VARIANTS[k] for k in ("inheritune", "hybrid")})
     folder = tiny_folder("llama", layers=4)
     res = compare(make_cfg(folder, corpus_file, tmp_path / "z", depth=3))
     assert [r["variant"] for r in res.rows] == ["inheritune"] and "hybrid" in res.skipped
@@ -267,24 +269,24 @@ def test_cli(tiny_folder, corpus_file, tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["variants"]
     assert [r["variant"] for r in rows] == ["inheritune", "hybrid"]
     assert (out / "curves.png").is_file() and (out / "config.yaml").is_file()
-    # --train as a flag is a YAML mapping too
-    cfg = cli.build_parser().parse_args(["compare", "--train", "{batch_size: 4}"])
-    assert baselines.CompareConfig(train=cfg.train).train == {"batch_size": 4}
+    # the training settings are train's own flat flags
+    ns = cli.build_parser().parse_args(["compare", "--batch-size", "4"])
+    assert dataclass_from_args(CompareConfig, ns).train.batch_size == 4
 
 
 def test_helpers():
     assert baselines.default_depth(30) == 14 and baselines.default_depth(24) == 12
     assert baselines.default_depth(4) == 2
     assert (
-        baselines.tokens_to_reach(
+        compare_mod.tokens_to_reach(
             [{"tokens": 0, "val_loss": 5.0}, {"tokens": 10, "val_loss": 3.0}], 3.5
         )
         == 10
     )
-    assert baselines.tokens_to_reach([{"tokens": 0, "val_loss": 5.0}], 3.5) is None
-    assert baselines._ranges([0, 1, 2, 5]) == "0-2,5"
-    assert baselines._ranges([0, 2, 4, 6, 8]) == "0,2,...,8"
-    assert baselines._ranges([3]) == "3"
+    assert compare_mod.tokens_to_reach([{"tokens": 0, "val_loss": 5.0}], 3.5) is None
+    assert baselines.layer_ranges([0, 1, 2, 5]) == "0-2,5"
+    assert baselines.layer_ranges([0, 2, 4, 6, 8]) == "0,2,...,8"
+    assert baselines.layer_ranges([3]) == "3"
     assert baselines.unbuildable_reason("kd-every-other", 30, 15) is None
     assert "depth <= 15" in baselines.unbuildable_reason("kd-every-other", 30, 16)
     assert baselines.unbuildable_reason("random", 30, 15) is None
