@@ -237,7 +237,7 @@ def run(
     rec["start"] = evaluate(model)
     print(f"[{name}] K={exp.layers} start {fmt(rec['start'])} calibration {calib}", flush=True)
     budget = seconds - (calib["seconds"] if calib else 0.0)
-    teacher = None
+    teacher = reference if cfg.distill_alpha > 0 else None
     del reference
     rec.update(steps=0, tokens=0, train_s=0.0, curve=[])
     if budget > 0:
@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.exp:
         ap.error("--exp is required (see --list)")
+    for name, low in (("seconds", 0), ("eval_windows", 1), ("eval_seq", 1), ("threads", 1)):
+        if getattr(args, name) < low:
+            ap.error(f"{flag(name)} must be >= {low}, got {getattr(args, name)}")
     given = {n: getattr(args, n) for n in flag_fields(TrainConfig) if getattr(args, n) is not None}
     for name in OWNED:
         if name in given:

@@ -136,6 +136,10 @@ MODEL_FAULTS: dict[str, tuple[Callable[[dict, Path], Path], str]] = {
         lambda b, t: _spoil(b, t, "config.json", "[1, 2]"),
         "must hold a JSON object",
     ),
+    "config-of-no-causal-lm": (
+        lambda b, t: _spoil(b, t, "config.json", '{"model_type": "t5"}'),
+        "does not describe a causal LM",
+    ),
     "truncated-safetensors": (
         _truncated_weights,
         "model.safetensors is truncated or corrupt",
@@ -357,6 +361,7 @@ CASES = [
         ),
     ),
     case("eval-no-cuda", "eval", ["--device", "cuda:7"], "--device", "no_cuda"),
+    case("eval-bad-device", "eval", ["--device", "nonsense"], "--device must be"),
     # --- files and folders
     case("out-is-a-file", "analyze", ["--out", "{tmp}/file"], "is not a folder", "out_file"),
     case("config-file-missing", "train", ["--config", "{tmp}/none.yaml"], "none.yaml"),

@@ -320,6 +320,23 @@ def test_trained_reference_target(tiny_run, monkeypatch):
     assert "reference (trained)" in res.report_md.read_text()
 
 
+def test_scratch_reference_target(tiny_run, monkeypatch):
+    """The paper's protocol: the target is the reference's architecture trained from random
+    init with one round's budget on the same data."""
+    calls = _spy_training(monkeypatch)
+    res = recipe.run(tiny_run(target="scratch-reference", min_rounds=1, max_rounds=1, seed=3))
+    scratch = res.report["reference"]["trained"]
+    assert scratch["kind"] == "scratch-reference"
+    assert calls[0].out.endswith("reference-scratch") and calls[0].steps == 3
+    assert res.report["target"]["val_loss"] == scratch["val_loss"]
+    # it starts from fresh random weights (seed 3), not from the reference's
+    ref = models.load_model(tiny_run().train.model).state_dict()
+    got = models.load_model(str(res.out / scratch["model_dir"])).state_dict()
+    assert got.keys() == ref.keys() and not torch.equal(got[next(iter(ref))], ref[next(iter(ref))])
+    assert abs(scratch["evals"][0]["val_loss"] - res.report["reference"]["val_loss"]) > 1e-4
+    assert "reference (from scratch)" in res.report_md.read_text()
+
+
 def test_interrupted_round_resumes_where_it_stopped(tmp_path, tiny_run, monkeypatch):
     """SIGTERM during round 2's second step: the rerun keeps round 1 and continues round 2 from its
     checkpoint, ending exactly where an uninterrupted run ends."""

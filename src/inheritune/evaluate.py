@@ -416,8 +416,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured tasks and/or perplexity; write eval.json, eval.md, config.yaml."""
     # Bad model arguments, task names and devices fail before any weights load.
     src = models.resolve_model(cfg.model)
+    config = models.load_config(cfg.model)  # also checks the weight files, before --out exists
     if cfg.ppl_file:
-        models.check_context(models.load_config(cfg.model), cfg.ppl_seq_len, "ppl_seq_len")
+        models.check_context(config, cfg.ppl_seq_len, "ppl_seq_len")
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None
     device = _device(cfg.device)
     out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / src.name.replace("/", "--")

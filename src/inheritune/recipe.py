@@ -62,7 +62,7 @@ from inheritune.train import TrainConfig, TrainResult, train_model
 STATE_FILE = "run_state.json"
 STATE_VERSION = 1
 GROWTH_MODES = ("reinit", "warm")
-TARGETS = ("reference", "trained-reference")
+TARGETS = ("reference", "trained-reference", "scratch-reference")
 # Settings that only decide when the recipe stops or how the report is measured; a finished or
 # interrupted run may be continued with different values (e.g. a larger --max-rounds).
 RESUMABLE_CHANGES = frozenset(
@@ -175,8 +175,10 @@ class RecipeConfig:
     target: str = field(
         default="reference",
         metadata={
-            "help": "loss to match: the reference's zero-shot validation loss ('reference') or "
-            "the reference trained with the same budget ('trained-reference')",
+            "help": "loss to match: the reference's zero-shot validation loss ('reference'), "
+            "the reference trained further with one round's budget ('trained-reference'), or "
+            "the reference's architecture trained from random init with one round's budget "
+            "on the same data ('scratch-reference': the paper's protocol)",
             "choices": TARGETS,
         },
     )
@@ -492,21 +494,29 @@ def _reference_step(job: _Job) -> tuple[float, str]:
             "val_ppl": _ppl(loss),
         }
         state.save()
-    if cfg.target == "trained-reference":
-        _train_reference(job)
-        return state.trained_reference["val_loss"], "trained reference"
-    return state.reference["val_loss"], "reference (zero-shot)"
+    if cfg.target == "reference":
+        return state.reference["val_loss"], "reference (zero-shot)"
+    _train_reference(job)
+    label = {"trained-reference": "trained reference", "scratch-reference": "scratch reference"}
+    return state.trained_reference["val_loss"], label[cfg.target]
 
 
 def _train_reference(job: _Job) -> None:
-    """Target 'trained-reference': the reference trained with the same budget as one round."""
+    """The targets 'trained-reference' (the reference trained further) and 'scratch-reference'
+    (its architecture from random init, the paper's protocol), each with one round's budget."""
     if job.state.trained_reference is not None:
         return
-    _log(f"training the reference for {job.cfg.train.steps} steps (the target to match)")
-    model = surgery.select_layers(job.reference, range(job.num_layers))
-    tcfg = job.cfg.round_train_config(job.out / "reference-trained")
-    result = _train(job, model, tcfg, None, "reference (trained)")
-    job.state.trained_reference = _eval_record(result, job.out)
+    cfg, scratch = job.cfg, job.cfg.target == "scratch-reference"
+    how = "from scratch" if scratch else "further"
+    _log(f"training the reference {how} for {cfg.train.steps} steps (the target to match)")
+    if scratch:
+        model = surgery.random_init(job.reference.config, job.num_layers, seed=cfg.train.seed)
+    else:
+        model = surgery.select_layers(job.reference, range(job.num_layers))
+    folder = "reference-scratch" if scratch else "reference-trained"
+    tcfg = cfg.round_train_config(job.out / folder)
+    result = _train(job, model, tcfg, None, f"reference ({how})")
+    job.state.trained_reference = {"kind": cfg.target, **_eval_record(result, job.out)}
     job.state.save()
 
 

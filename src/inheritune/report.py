@@ -21,6 +21,7 @@ from inheritune import plots
 from inheritune.checkpoint import atomic_write_json
 from inheritune.mergekit import LAYER_NUMBERING
 
+_TRAINED = {"trained-reference": "trained", "scratch-reference": "from scratch"}
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
@@ -220,7 +221,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     trained = ref.get("trained")
     if trained:
         lines.append(
-            f"| reference (trained) | {ref['layers']} | {_millions(ref['parameters'])} | "
+            f"| reference ({_TRAINED[trained.get('kind', 'trained-reference')]}) | {ref['layers']} | {_millions(ref['parameters'])} | "
             f"{trained['tokens']:,} | {_fmt(trained['wall_s'], 0)} | {_start(trained)} | "
             f"{_fmt(trained['val_loss'])} | "
             f"{_fmt(trained['val_ppl'], 2)} | - |"
