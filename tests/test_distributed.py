@@ -127,16 +127,17 @@ def _spawn_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _torchrun(args: list[str], cache: Path, **kw) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cache: Path, env_extra: dict | None = None):
     """``torchrun --standalone --nproc-per-node 2 ARGS`` with its own cache, one thread each."""
     env = {
         **os.environ,
         "INHERITUNE_CACHE": str(cache),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(Path(T.__file__).parents[1]),
+        **(env_extra or {}),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
 
 
 # ----------------------------------------------------------------------------- run_once
@@ -226,3 +227,111 @@ def test_run_once_and_sharded_loading(tmp_path, tokenizer):
     for r in (r0, r1):
         assert r["tied"]
         assert r["block_params_local"] == r["block_params"] // 2  # half of every block each
+
+
+# ----------------------------------------------------------------------------- inheritune run
+
+
+def test_two_process_run_tokenises_once(tmp_path, tiny_folder, corpus_file):
+    """`inheritune run` under torchrun on a corpus not yet cached: one token folder, no
+    temporary leftovers, and the 1-process run's round losses."""
+    from test_recipe import TINY_RUN
+
+    model = tiny_folder("llama", layers=6)
+    cache = tmp_path / "cache"
+
+    def preset(out: Path) -> Path:
+        values = {"model": str(model), "data": str(corpus_file), "out": str(out), **TINY_RUN}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(json.dumps(values))  # JSON is YAML
+        return path
+
+    two = _torchrun(["-m", "inheritune", "run", "--config", str(preset(tmp_path / "two"))], cache)
+    assert two.returncode == 0, two.stderr[-3000:]
+    folders = sorted((cache / "tokens").iterdir())
+    assert [p.name for p in folders if not p.name.startswith(".")] == [folders[0].name]
+    assert (folders[0] / "meta.json").is_file()
+    leftovers = [
+        p
+        for p in [*cache.rglob("*"), *(tmp_path / "two").rglob("*")]
+        if p.name.startswith((".tmp", ".meta.json", "shards")) or p.suffix in (".tmp", ".partial")
+    ]
+    assert leftovers == []
+
+    env = {**os.environ, "INHERITUNE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "inheritune", "run", "--config", str(preset(tmp_path / "one"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "report.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "two" / "report.json").read_text())["rounds"]
+    assert [r["depth"] for r in a] == [r["depth"] for r in b] and len(a) == 2
+    for x, y in zip(a, b, strict=True):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], abs=2e-4)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+# Rank 0 kill -9s both processes while the second checkpoint is half-written (its manifest,
+# written last, is missing), so resuming must fall back to the first one.
+KILL_BOTH = """
+import os, signal, sys
+from pathlib import Path
+Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
+from inheritune import checkpoint, cli
+real, calls = checkpoint.write_manifest, []
+def write_manifest(folder, meta=None):
+    calls.append(folder)
+    if len(calls) == 2:
+        os.kill(int(Path(os.environ["PIDS"], "1").read_text()), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(folder, meta)
+checkpoint.write_manifest = write_manifest
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _train_args(model: Path, corpus: Path, out: Path, fsdp: bool) -> list[str]:
+    args = ["train", "--model", str(model), "--data", str(corpus), "--out", str(out)]
+    opts = dict(steps=8, batch_size=4, seq_len=16, warmup=2, eval_every=4, save_every=3)
+    opts.update(eval_tokens=64, log_every=1, lr=3e-3, keep_last=3, fsdp=fsdp)
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_kill9_resume_is_exact_with_dropout(tmp_path, tiny_folder, corpus_file, fsdp):
+    """2 processes, GPT-2 with dropout 0.1: killed (kill -9, both ranks) mid-checkpoint and
+    resumed, the per-step losses equal an uninterrupted run's (each rank's RNG is restored)."""
+    model = tiny_folder("gpt2", layers=2)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(model).resid_pdrop > 0
+    cache = tmp_path / "cache"
+    ref = _torchrun(
+        ["-m", "inheritune", *_train_args(model, corpus_file, tmp_path / "ref", fsdp)], cache
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    script, pids = tmp_path / "kill_both.py", tmp_path / "pids"
+    script.write_text(KILL_BOTH)
+    pids.mkdir()
+    run_args = _train_args(model, corpus_file, tmp_path / "run", fsdp)
+    killed = _torchrun([str(script), *run_args], cache, env_extra={"PIDS": str(pids)})
+    assert killed.returncode != 0
+    root = tmp_path / "run" / "checkpoints"
+    assert ckpt.read_latest(root).name == "step-00000003"
+    assert not (tmp_path / "run" / "result.json").exists()
+
+    resumed = _torchrun(["-m", "inheritune", *run_args, "--resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a_train, a_val = _losses(tmp_path / "ref")
+    b_train, b_val = _losses(tmp_path / "run")
+    assert len(a_train) == len(b_train) == 8 and len(a_val) == len(b_val) == 3
+    for x, y in zip(a_train + a_val, b_train + b_val, strict=True):
+        assert y == pytest.approx(x, abs=1e-5)

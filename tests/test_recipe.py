@@ -18,8 +18,9 @@ import pytest
 import torch
 import yaml
 
-from inheritune import cli, losses, models, optim, recipe, report, surgery
+from inheritune import cli, data, losses, models, optim, recipe, report, surgery
 from inheritune import train as train_mod
+from inheritune.arch import get_arch
 from inheritune.config import ConfigError, build, flag_fields, load_yaml, to_dict
 from inheritune.recipe import RecipeConfig
 
@@ -448,10 +449,28 @@ def test_run_refuses_a_file_as_out(tmp_path, tiny_run):
         recipe.run(tiny_run(out=str(f)))
 
 
-def test_calibration_runs_before_each_round_and_is_reported(tiny_run):
-    res = recipe.run(tiny_run(calibrate_iters=3, calibrate_windows=2, max_rounds=2, min_rounds=2))
+def test_calibration_runs_before_each_round_and_helps_on_held_out_windows(
+    tiny_run, tmp_path, tokenizer
+):
+    """With a final norm far off its best scale (as after truncation), each round's refit norm
+    beats the unrefit one on the VALIDATION windows (the fit sees only training windows)."""
+    from conftest import tiny_model
+
+    ref = tiny_model("llama", layers=6)
+    with torch.no_grad():
+        get_arch(ref).final_norm.weight.mul_(8.0)
+    folder = tmp_path / "off-norm"
+    ref.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = tiny_run(
+        model=str(folder), calibrate_iters=10, calibrate_windows=32, max_rounds=2, min_rounds=2
+    )
+    res = recipe.run(cfg)
     rounds = json.loads((Path(res.out) / "report.json").read_text())["rounds"]
     assert len(rounds) == 2
+    tokens = data.load_tokens(cfg.train.data, tokenizer)
+    windows = data.eval_windows(tokens, cfg.train.seq_len, cfg.train.eval_tokens)
     for r in rounds:
-        cal = r["calibration"]
-        assert cal["after"] <= cal["before"]
+        assert "calibration" in r
+        unrefit = losses.evaluate_loss(surgery.first_layers(ref, r["layers"]), windows, 4)
+        assert r["evals"][0]["val_loss"] < unrefit - 0.05
