@@ -265,11 +265,6 @@ def _half_written_checkpoint(out: Path) -> None:
     (root / ckpt.LATEST).write_text("step-00000002\n")
 
 
-PENDING_TRAIN_CONTEXT = pytest.mark.xfail(
-    reason="pending: train passes --seq-len to inputs.load(seq_lens=...)", strict=True
-)
-
-
 def case(id, command, extra, expected, prepare=None, alone=True, marks=()):
     """One row: ``extra`` flags replace the same flags of the command's valid line (``-FLAG``
     drops one); {model}, {corpus}, {out}, {tmp} and {other_tokens} are filled in. ``prepare``
@@ -313,7 +308,6 @@ CASES = [
         "train",
         ["--seq-len", "300"],
         "--seq-len 300 is longer than the model's context (256 tokens)",
-        marks=PENDING_TRAIN_CONTEXT,
     ),
     case("run-seq-len", "run", ["--seq-len", "300"], "--seq-len 300 is longer than"),
     case(
@@ -355,10 +349,6 @@ CASES = [
         ["--init-depth", "9"],
         "--init-depth 9",
         alone=False,
-        marks=pytest.mark.xfail(
-            reason="pending: run writes --out/config.yaml before it checks --init-depth",
-            strict=True,
-        ),
     ),
     case("eval-no-cuda", "eval", ["--device", "cuda:7"], "--device", "no_cuda"),
     case("eval-bad-device", "eval", ["--device", "nonsense"], "--device must be"),

@@ -92,7 +92,9 @@ def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsy
         assert r["layers"] == (4 if name in ("half-width", "scratch-full") else 2), name
         assert r["evals"][0]["step"] == 0 and r["evals"][-1]["tokens"] == r["tokens"]
         assert r["loss_after"] == r["evals"][-1]["val_loss"]
-        assert r["tokens_to_reference"] == compare_mod.tokens_to_reach(r["evals"], res.reference_loss)
+        assert r["tokens_to_reference"] == compare_mod.tokens_to_reach(
+            r["evals"], res.reference_loss
+        )
     assert "random-2x †" in md and "stacking †" in md and "inheritune †" not in md
     # distillation changes the trajectory of the same initial weights
     assert rows["kd-random"]["loss_after"] != rows["random"]["loss_after"]

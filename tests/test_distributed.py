@@ -298,10 +298,10 @@ sys.exit(cli.main(sys.argv[1:]))
 def _train_args(model: Path, corpus: Path, out: Path, fsdp: bool) -> list[str]:
     args = ["train", "--model", str(model), "--data", str(corpus), "--out", str(out)]
     opts = dict(steps=8, batch_size=4, seq_len=16, warmup=2, eval_every=4, save_every=3)
-    opts.update(eval_tokens=64, log_every=1, lr=3e-3, keep_last=3, fsdp=fsdp)
+    opts.update(eval_tokens=64, log_every=1, lr=3e-3, keep_last=3)
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
+    return [*args, "--fsdp"] if fsdp else args
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

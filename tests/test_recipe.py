@@ -402,7 +402,9 @@ def test_killed_process_resumes(tmp_path, tiny_run, monkeypatch):
     assert 0 < killed_at < 40
 
     calls = _spy_training(monkeypatch)
-    res = recipe.run(build(RecipeConfig, **{**to_dict(cfg), "save_every": 0}))  # finish fast: no more checkpoints
+    res = recipe.run(
+        build(RecipeConfig, **{**to_dict(cfg), "save_every": 0})
+    )  # finish fast: no more checkpoints
     assert len(calls) == 1 and calls[0].out.endswith("round-02-L4") and calls[0].resume
     assert [r["steps"] for r in res.report["rounds"]] == [40, 40]
     log = (Path(cfg.train.out) / "rounds" / "round-02-L4" / "log.jsonl").read_text()

@@ -5,7 +5,6 @@ evaluation windows, exact resume (clean stop and kill -9), NaN stop, tokenizer m
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 
 from conftest import CORPUS_TEXT, make_tokenizer, tiny_model
 from inheritune import checkpoint as ckpt
-from inheritune import cli, data, losses, monitor, optim
+from inheritune import cli, data, losses, monitor
 from inheritune import train as T
 from inheritune.config import ConfigError
 from inheritune.distill import Teacher
@@ -64,92 +63,6 @@ def train_losses(out: Path) -> dict[int, float]:
 
 
 # ----------------------------------------------------------------------------- pure pieces
-
-
-def test_micro_loss_scale_makes_accumulation_equal_one_batch():
-    """G micro-batches of B/G, each scaled by micro_loss_scale, give the gradient of one batch B."""
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    x = torch.randint(0, 300, (8, SEQ + 1))
-
-    def grads(accum: int) -> dict[str, torch.Tensor]:
-        m = copy.deepcopy(model).train()
-        loss_mod = losses.CausalLMLoss(m)
-        micro = 8 // accum
-        scale = losses.micro_loss_scale(micro * SEQ, 8 * SEQ, world_size=1)
-        for chunk in x.split(micro):
-            (loss_mod(chunk[:, :-1], chunk[:, 1:]) * scale).backward()
-        return {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    one, four = grads(1), grads(4)
-    for n in one:
-        torch.testing.assert_close(four[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert losses.micro_loss_scale(64, 256, 1) == 0.25
-    # Two ranks, each holding half of the batch: DDP's average over ranks is undone.
-    assert losses.micro_loss_scale(128, 256, 2) == 1.0
-
-
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_cross_entropy_matches_reference(with_bias):
-    torch.manual_seed(0)
-    h = torch.randn(37, 16, requires_grad=True)
-    w = torch.randn(50, 16, requires_grad=True)
-    b = torch.randn(50, requires_grad=True) if with_bias else None
-    t = torch.randint(0, 50, (37,))
-    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t)
-    ref_grads = torch.autograd.grad(ref * 3.0, [h, w] + ([b] if with_bias else []))
-    mine = losses.linear_cross_entropy(h, w, b, t, chunk=8)  # several chunks, one ragged
-    my_grads = torch.autograd.grad(mine * 3.0, [h, w] + ([b] if with_bias else []))
-    torch.testing.assert_close(mine, ref)
-    for a, r in zip(my_grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
-
-
-def test_fused_model_loss_matches_hf_logits_path():
-    model = tiny_model("gpt2")  # gpt2 keeps dropout: eval mode to compare
-    x = torch.randint(0, 300, (3, SEQ + 1))
-    logits = model(x[:, :-1]).logits
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-    assert losses.CausalLMLoss(model).fused
-    torch.testing.assert_close(losses.CausalLMLoss(model, chunk=5)(x[:, :-1], x[:, 1:]), ref)
-
-
-def test_lr_schedule():
-    cfg = cfg_for(Path("x"), steps=100, warmup=10, lr=1.0, min_lr=0.1)
-    lrs = [optim.lr_at(s, cfg) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
-    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
-    assert optim.lr_at(100, cfg) == pytest.approx(0.1)
-    assert optim.lr_at(55, cfg) == pytest.approx(0.55)  # half way through the cosine
-
-
-def test_param_groups_decay_and_scales():
-    model = tiny_model("llama")  # tied embeddings/head
-    cfg = cfg_for(Path("x"), weight_decay=0.1, embed_lr_scale=0.5, norm_lr_scale=2.0)
-    groups = {g["name"]: g for g in optim.param_groups(model, cfg)}
-    emb = model.get_input_embeddings().weight
-    assert any(p is emb for p in groups["embed"]["params"])
-    assert groups["embed"]["weight_decay"] == 0.0 and groups["embed"]["lr_scale"] == 0.5
-    assert groups["norm"]["weight_decay"] == 0.0 and groups["norm"]["lr_scale"] == 2.0
-    assert all(p.ndim == 2 for p in groups["decay"]["params"])
-    n_opt = sum(p.numel() for g in groups.values() for p in g["params"])
-    assert n_opt == sum(p.numel() for p in model.parameters())  # tied weight counted once
-    untied = tiny_model("gpt_neox")  # untied head with decay, its own scale
-    g2 = {g["name"]: g for g in optim.param_groups(untied, cfg_for(Path("x"), head_lr_scale=3.0))}
-    assert g2["head"]["lr_scale"] == 3.0 and g2["head"]["weight_decay"] == 0.1
-
-
-def test_freeze_patterns():
-    model = tiny_model("llama")
-    frozen = optim.apply_freeze(model, ["embed_tokens", "model.layers.0.*"])
-    assert "model.embed_tokens.weight" in frozen
-    assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
-    assert model.lm_head.weight.requires_grad is False  # tied: frozen together
-    names = {n for g in optim.param_groups(model, cfg_for(Path("x"))) for n in [g["name"]]}
-    assert "embed" not in names
-    with pytest.raises(ConfigError, match="--freeze"):
-        optim.apply_freeze(model, ["no_such_param"])
 
 
 def test_config_validation():

@@ -73,7 +73,7 @@ def load(
     device: str | None = None,
     weights: bool = True,
     tokenizer: bool = True,
-    seq_lens: list[int] | tuple[int, ...] = (),
+    seq_lens: dict[str, int] | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
@@ -85,14 +85,14 @@ def load(
 
     ``device=None`` leaves the model on the CPU (the training loop places it itself);
     ``"auto"`` picks this process's accelerator. ``seq_lens`` are checked against the model's
-    context before anything heavy runs. ``dist_timeout`` (``--dist-timeout``) bounds how long a
+    context before anything heavy runs (keys: the flag names, e.g. ``{"seq_len": 256}``). ``dist_timeout`` (``--dist-timeout``) bounds how long a
     process waits for the one that prepares. ``fsdp`` under torchrun: the decoder blocks come
     back sharded on this process's device (a model folder; other arguments load whole).
     """
     env = distributed.setup(dist_timeout)  # first: starts the process group with that timeout
     config = models.load_config(model, trust_remote_code)
-    for n in seq_lens:
-        models.check_context(config, n)
+    for name, n in (seq_lens or {}).items():
+        models.check_context(config, n, name)
     tok = models.load_tokenizer(model, trust_remote_code) if tokenizer or data_arg else None
     tokens = load_tokens(data_arg, tok, env) if data_arg is not None else None
     target = resolve_device(device) if device is not None else torch.device("cpu")

@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -236,6 +237,15 @@ def _start_worker(encoder: _Encoder) -> None:
     # oversubscribe), and Ctrl-C is handled by the main process, which lets running shards finish.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A killed main process leaves its workers waiting on a queue nobody closes (they hold its
+    other end themselves), and holding the folder's lock: end them within half a second."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _worker_shard(path: Path, texts: list[str], ends: list[bool]) -> int:

@@ -642,7 +642,9 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         raise ConfigError(f"--out {out} exists and is not a folder")
     state = RunState.open(out, cfg, write=env.is_main)
     # Cheap checks before any weights load: the config, the tokenizer, the data.
-    seq_lens = [cfg.train.seq_len] + ([cfg.analysis_seq_len] if cfg.analysis else [])
+    seq_lens = {"seq_len": cfg.train.seq_len}
+    if cfg.analysis:
+        seq_lens["analysis_seq_len"] = cfg.analysis_seq_len
     loaded = inputs.load(
         cfg.train.model,
         cfg.train.data,
@@ -650,6 +652,8 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         trust_remote_code=cfg.train.trust_remote_code,
         seq_lens=seq_lens,
     )
+    if cfg.init_depth.isdigit():  # refused before --out is written (analysis needs none)
+        choose_init_depth(cfg.init_depth, int(loaded.config.num_hidden_layers), None)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out / "config.yaml")

@@ -704,9 +704,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     """The CLI entry: resolve model, tokenizer, data (and teacher), then :func:`train_model`."""
     from inheritune import inputs
 
+    if cfg.distill_alpha > 0 and not cfg.teacher:
+        raise ConfigError(f"{flag('distill_alpha')} > 0 needs {flag('teacher')}")
     loaded = inputs.load(
         cfg.model,
         cfg.data,
+        seq_lens={"seq_len": cfg.seq_len},
         trust_remote_code=cfg.trust_remote_code,
         dist_timeout=cfg.dist_timeout,
         fsdp=cfg.fsdp,
@@ -714,8 +717,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     teacher = None
     if cfg.distill_alpha > 0:
-        if not cfg.teacher:
-            raise ConfigError(f"{flag('distill_alpha')} > 0 needs {flag('teacher')}")
         teacher = inputs.load_teacher(cfg.teacher, loaded.model, cfg.trust_remote_code)
     result = train_model(loaded.model, loaded.tokenizer, loaded.tokens, cfg, teacher=teacher)
     if distributed.setup().is_main and not result.interrupted:
