@@ -16,6 +16,7 @@ same run with a 2048^3 fp32 matmul loop.
 
     .venv/bin/python benchmarks/bench_train.py [--batch 8 --seq 256 --steps 3 --rounds 2]
     .venv/bin/python benchmarks/bench_train.py --profile   # where the time goes, both loops
+    .venv/bin/python benchmarks/bench_train.py --train-top 5   # + partial training, same run
 """
 
 from __future__ import annotations
@@ -30,19 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inheritune import data, models
+from inheritune import data, models, surgery
 from inheritune import train as T
 
 LAYERS = 15
 
 
 def build_model() -> torch.nn.Module:
-    model = models.load_model("smollm2-135m")
-    model.model.layers = model.model.layers[:LAYERS]
-    model.config.num_hidden_layers = LAYERS
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:LAYERS]
-    return model
+    return surgery.first_layers(models.load_model("smollm2-135m"), LAYERS)
 
 
 def matmul_peak(n: int = 2048, iters: int = 10) -> float:
@@ -64,8 +60,8 @@ def flops_per_token(model: torch.nn.Module, seq: int) -> float:
 
 
 def batches(tokens: data.Tokens, batch: int, seq: int, steps: int, seed: int) -> list[torch.Tensor]:
-    starts = T.WindowSampler(len(tokens.train), seq, seed)
-    return [T.gather_windows(tokens.train, starts.next_starts(batch), seq) for _ in range(steps)]
+    starts = data.WindowSampler(len(tokens.train), seq, seed)
+    return [data.gather_windows(tokens.train, starts.next_starts(batch), seq) for _ in range(steps)]
 
 
 def plain_loop(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
@@ -83,8 +79,11 @@ def plain_loop(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     return sum(w[:, :-1].numel() for w in windows) / (time.perf_counter() - t)
 
 
-def our_loop(model, tokenizer, tokens, batch: int, seq: int, steps: int, out: Path) -> float:
+def our_loop(
+    model, tokenizer, tokens, batch: int, seq: int, steps: int, out: Path, train_top: int = 0
+) -> float:
     cfg = T.TrainConfig(
+        train_top=train_top,
         out=str(out),
         steps=steps,
         batch_size=batch,
@@ -122,6 +121,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per loop per round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both loops")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--train-top",
+        type=int,
+        default=0,
+        help="also time ours with --train-top N (frozen bottom) in the same interleaving",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -134,7 +139,7 @@ def main() -> None:
         return
     peak = matmul_peak()
     fpt = flops_per_token(model, args.seq)
-    plain, ours = [], []
+    plain, ours, top = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed warm-up step of each (allocator, thread pools, lazy inits).
         plain_loop(copy.deepcopy(model), batches(tokens, args.batch, args.seq, 1, seed=9))
@@ -147,7 +152,17 @@ def main() -> None:
                     copy.deepcopy(model), tokenizer, tokens, args.batch, args.seq, args.steps, out
                 )
             )
-            print(f"round {r}: plain {plain[-1]:.1f} tok/s, inheritune {ours[-1]:.1f} tok/s")
+            line = f"round {r}: plain {plain[-1]:.1f} tok/s, inheritune {ours[-1]:.1f} tok/s"
+            if args.train_top:
+                m = copy.deepcopy(model)
+                top.append(
+                    our_loop(
+                        m, tokenizer, tokens, args.batch, args.seq, args.steps,
+                        Path(tmp) / f"top{r}", train_top=args.train_top,
+                    )
+                )  # fmt: skip
+                line += f", --train-top {args.train_top} {top[-1]:.1f} tok/s"
+            print(line)
     peak_after = matmul_peak()
     p, o = float(np.mean(plain)), float(np.mean(ours))
     result = {
@@ -164,6 +179,10 @@ def main() -> None:
         "plain_frac_peak": p * fpt / 1e9 / max(peak, peak_after),
         "ours_frac_peak": o * fpt / 1e9 / max(peak, peak_after),
     }
+    if top:
+        result["train_top"] = args.train_top
+        result["train_top_tok_s"] = float(np.mean(top))
+        result["train_top_speedup_vs_full"] = float(np.mean(top)) / o
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

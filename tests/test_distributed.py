@@ -191,6 +191,7 @@ def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from inheritune import models
+    from inheritune.arch import get_arch
 
     folder = root_p / "tiny"
     config = models.load_config(str(folder))
@@ -204,6 +205,7 @@ def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
     out["block_params_local"] = local
     out["block_params"] = sum(p.numel() for p in whole.model.layers.parameters())
     out["tied"] = sharded.lm_head.weight is sharded.model.embed_tokens.weight
+    out["plain_head"] = get_arch(sharded).plain_head  # probed without running the blocks
     (root_p / f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
 
@@ -225,7 +227,7 @@ def test_run_once_and_sharded_loading(tmp_path, tokenizer):
     # an error marker names the job: a later job does not mistake it for its own
     assert [p.name for p in tmp_path.glob(".never.error-*")] == [f".never.error-{r0['job']}"]
     for r in (r0, r1):
-        assert r["tied"]
+        assert r["tied"] and r["plain_head"]
         assert r["block_params_local"] == r["block_params"] // 2  # half of every block each
 
 

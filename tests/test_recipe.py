@@ -204,6 +204,7 @@ def test_run_end_to_end_via_cli(tmp_path, tiny_run, capsys):
     assert load_yaml(out / "config.yaml")["train"]["lr"] == 0.01
     assert [r["layers"] for r in rep["rounds"]] == [2, 4]
     assert rep["growth"] == "reinit" and rep["target"]["tolerance"] == 0.0
+    assert rep["layer_numbering"].startswith("0-based")
 
     # The reference's loss is the reference's, on the same fixed windows as the rounds'.
     ref = models.load_model(cfg.train.model)

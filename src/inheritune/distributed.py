@@ -272,11 +272,11 @@ def _peer_error(record: dict[str, Any], what: str) -> BaseException:
 
 def mixed_precision(precision: str):
     """FSDP2's policy for ``--precision``: bf16 parameters and activations, fp32 gradient
-    reduction (the sum over ranks keeps full precision); None for fp32."""
-    if precision != "bf16":
-        return None
+    reduction (the sum over ranks keeps full precision); for fp32, the parameters' own dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    if precision != "bf16":
+        return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
@@ -333,18 +333,29 @@ def load_sharded_model(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from inheritune.arch import get_arch
+    from inheritune.arch import get_arch, get_module
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **from_config)
+    arch = get_arch(model)
     if env.distributed:
-        shard_blocks(get_arch(model).layers, precision)
+        shard_blocks(arch.layers, precision)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     model.to_empty(device=env.device)  # parameters get memory (this rank's shards only)
     model.tie_weights()  # the meta and the materialised parameters are new objects: tie again
     for name, buf in model.named_buffers():
         buf.copy_(buffers[name])
     load_weights(model, folder)
+    # Whether the fused head loss applies (Arch.plain_head) is checked by a probe forward, and
+    # FSDP allows no block a forward before the root's: probe now with the blocks set aside
+    # (what the probe checks happens after them: the final norm, the head, the logits).
+    owner, _, name = arch.layout.layers.rpartition(".")
+    parent = get_module(model, owner) if owner else model
+    setattr(parent, name, nn.ModuleList())
+    try:
+        arch.plain_head  # noqa: B018 (cached per model)
+    finally:
+        setattr(parent, name, arch.layers)
     return model
 
 

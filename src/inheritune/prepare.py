@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import multiprocessing
 import os
@@ -254,26 +255,23 @@ def _worker_shard(path: Path, texts: list[str], ends: list[bool]) -> int:
 
 
 class _Workers:
-    """Shard tokenisation: in this process (one process, or a corpus of one shard), else in a
-    pool of ``num_proc`` processes started on the first second shard."""
+    """Shard tokenisation in a pool of ``num_proc`` processes, or in this process for one."""
 
     def __init__(self, encoder: _Encoder, num_proc: int):
-        self.encoder, self.num_proc = encoder, num_proc
+        self.encoder = encoder
         self.pool: ProcessPoolExecutor | None = None
-        self.submitted = 0
-
-    def submit(self, path: Path, pieces: list[Piece]) -> Future:
-        texts, ends = [p.text for p in pieces], [p.end for p in pieces]
-        self.submitted += 1
-        if self.num_proc > 1 and self.pool is None and self.submitted > 1:
+        if num_proc > 1:
             # fork: workers start in milliseconds with the tokenizer already in memory
             method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = ProcessPoolExecutor(
-                self.num_proc,
+                num_proc,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_start_worker,
-                initargs=(self.encoder,),
+                initargs=(encoder,),
             )
+
+    def submit(self, path: Path, pieces: list[Piece]) -> Future:
+        texts, ends = [p.text for p in pieces], [p.end for p in pieces]
         if self.pool is not None:
             return self.pool.submit(_worker_shard, path, texts, ends)
         fut: Future = Future()
@@ -281,7 +279,7 @@ class _Workers:
         return fut
 
     def close(self) -> None:
-        if self.pool is not None:  # let running shards finish: their files are kept for resuming
+        if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -589,58 +587,60 @@ def _run(
 ) -> int:
     """Stream shards to the workers and append their results in order, until done; returns
     the number of shard files reused from an earlier run."""
-    shards_dir = out / SHARDS_DIR
-    appender = _Appender(out, plan, p)
-    workers = _Workers(_Encoder(tokenizer), num_proc)
+    if p.complete:
+        return 0
     total = sum(f.stat().st_size for f in source.files) if source.kind in ("txt", "jsonl") else None
-    bar = tqdm(
-        total=total,
-        initial=p.input_bytes,
-        unit="B",
-        unit_scale=True,
-        desc=f"tokenising {source.name}",
-        disable=not show,
-        leave=False,
-    )
-    t0, tokens0 = time.perf_counter(), p.tokens
     pending: deque[tuple[Path, Future, int, int]] = deque()
     reused = 0
+    with contextlib.ExitStack() as stack:  # closed in reverse: workers, bar, files
+        appender = _Appender(out, plan, p)
+        stack.callback(appender.close)
+        bar = stack.enter_context(
+            tqdm(
+                total=total,
+                initial=p.input_bytes,
+                unit="B",
+                unit_scale=True,
+                desc=f"tokenising {source.name}",
+                disable=not show,
+                leave=False,
+            )
+        )
+        t0, tokens0 = time.perf_counter(), p.tokens
 
-    def append_next() -> None:
-        path, fut, n_pieces, nbytes = pending.popleft()
-        fut.result()  # re-raises a worker's error
-        appender.append(path, n_pieces, nbytes)
-        rate = (p.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{p.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s", False)
-        bar.update(nbytes)
+        def append_next() -> None:
+            path, fut, n_pieces, nbytes = pending.popleft()
+            fut.result()  # re-raises a worker's error
+            appender.append(path, n_pieces, nbytes)
+            rate = (p.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{p.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s", False)
+            bar.update(nbytes)
 
-    try:
-        if not p.complete:
-            for index, shard in enumerate(_shards(data.iter_pieces(source), plan["shard_bytes"])):
-                if index < p.shards:
-                    continue  # appended by an earlier run: only re-read
-                path = shards_dir / f"shard-{index:05d}.bin"
-                if path.exists():  # written by an earlier run, not yet appended
-                    fut: Future = Future()
-                    fut.set_result(None)
-                    reused += 1
-                else:
-                    fut = workers.submit(path, shard)
-                pending.append((path, fut, len(shard), sum(x.nbytes for x in shard)))
-                while pending and (len(pending) > 2 * num_proc or pending[0][1].done()):
-                    append_next()
-                    if p.complete:
-                        break
-                if p.complete:
-                    break
-            while pending and not p.complete:
+        shards = enumerate(_shards(data.iter_pieces(source), plan["shard_bytes"]))
+        first = list(itertools.islice(shards, 2))  # one shard is not worth starting processes
+        workers = _Workers(_Encoder(tokenizer), num_proc if len(first) > 1 else 1)
+        stack.callback(workers.close)  # lets running shards finish: their files are kept
+        for index, shard in itertools.chain(first, shards):
+            if index < p.shards:
+                continue  # appended by an earlier run: only re-read
+            path = out / SHARDS_DIR / f"shard-{index:05d}.bin"
+            if path.exists():  # written by an earlier run, not yet appended
+                fut: Future = Future()
+                fut.set_result(None)
+                reused += 1
+            else:
+                fut = workers.submit(path, shard)
+            pending.append((path, fut, len(shard), sum(x.nbytes for x in shard)))
+            while (
+                pending and not p.complete and (len(pending) > 2 * num_proc or pending[0][1].done())
+            ):
                 append_next()
-            p.complete = True
-            appender.save()
-    finally:
-        workers.close()
-        appender.close()
-        bar.close()
+            if p.complete:  # max_tokens reached
+                break
+        while pending and not p.complete:
+            append_next()
+        p.complete = True
+        appender.save()
     return reused
 
 
