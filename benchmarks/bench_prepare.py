@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -91,6 +92,15 @@ def reader_only(source: data.TextSource) -> None:
         pickle.dumps(([p.text for p in shard], [p.end for p in shard]))
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the pool's workers)."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def hms(seconds: float) -> str:
     h, rem = divmod(round(seconds), 3600)
     return f"{h} h {rem // 60:02d} min"
@@ -112,11 +122,15 @@ def main() -> None:
         rows: dict[str, dict] = {}
 
         def timed(name: str, procs: int, fn) -> None:
-            t = time.perf_counter()
+            cpu0, t = cpu_seconds(), time.perf_counter()
             fn()
-            dt = time.perf_counter() - t
-            rows[name] = {"procs": procs, "s": dt, "MB/s": mb / dt}
-            print(f"{name:>14}: {dt:6.1f} s  {mb / dt:6.2f} MB/s", file=sys.stderr, flush=True)
+            dt, cpu = time.perf_counter() - t, cpu_seconds() - cpu0
+            rows[name] = {"procs": procs, "s": dt, "cpu": cpu, "MB/s": mb / dt}
+            print(
+                f"{name:>14}: {dt:6.1f} s  {mb / dt:6.2f} MB/s  cpu {cpu:6.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
         timed("reader", 1, lambda: reader_only(source))
         timed("plain loop", 1, lambda: plain_loop(source, tokenizer, tmp / "plain.bin"))
@@ -161,10 +175,11 @@ def main() -> None:
         f"(1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_before)} before, "
         f"{'/'.join(f'{x:.2f}' for x in load_after)} after.",
         "",
-        "| contender | processes | time (s) | MB/s | tokens/s |",
-        "|---|---:|---:|---:|---:|",
+        "| contender | processes | wall time (s) | MB/s | tokens/s | CPU time (s) | MB per CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {name} | {r['procs']} | {r['s']:.1f} | {r['MB/s']:.2f} | {r['tok/s']:,.0f} |"
+            f"| {name} | {r['procs']} | {r['s']:.1f} | {r['MB/s']:.2f} | {r['tok/s']:,.0f} | "
+            f"{r['cpu']:.1f} | {mb / r['cpu']:.2f} |"
             for name, r in rows.items()
         ),
         "",

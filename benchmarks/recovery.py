@@ -199,7 +199,8 @@ def run(
     t_wall = time.perf_counter()
     settings = {**BASE, **exp.train, **overrides}
     cfg = dataclass_from_dict(TrainConfig, settings, "the experiment's settings")
-    loaded = inputs.load(cfg.model, cfg.data, device="auto", seq_lens=(cfg.seq_len, args.eval_seq))
+    lens = {"seq_len": cfg.seq_len, "eval_seq": args.eval_seq}
+    loaded = inputs.load(cfg.model, cfg.data, device="auto", seq_lens=lens)
     reference, tok, tokens = loaded.model, loaded.tokenizer, loaded.tokens
     del loaded  # the reference is freed below when no teacher needs it
     general = data.load_tokens(args.general, tok, val_fraction=1.0)  # all held out

@@ -26,6 +26,7 @@ Usage::
 
     .venv/bin/python benchmarks/table1_mini.py                  # the real run: runs/table1-mini
     .venv/bin/python benchmarks/table1_mini.py --smoke          # T=2, tiny model: runs/table1-mini-smoke
+    .venv/bin/python benchmarks/table1_mini.py --collect benchmarks/results/table1-mini
 
 Results of the real run are summarised in benchmarks/results/table1-mini/README.md.
 """
@@ -64,8 +65,8 @@ REFERENCE_INIT_SEED = 1234
 # (scale_attn_by_inverse_layer_idx=True; HF GPT-2 has no bias=False option), no dropout (as
 # nanoGPT pre-trains). SIZES["smoke"] only proves the pipeline runs.
 SIZES = {
-    "real": {"vocab": 4096, "n_layer": 8, "n_embd": 256, "n_head": 8, "n_positions": 256},
-    "smoke": {"vocab": 512, "n_layer": 4, "n_embd": 32, "n_head": 2, "n_positions": 64},
+    "real": {"vocab": 4096, "n_layer": 8, "n_embd": 128, "n_head": 4, "n_positions": 256},
+    "smoke": {"vocab": 512, "n_layer": 8, "n_embd": 32, "n_head": 2, "n_positions": 64},
 }
 # --smoke: every setting of the presets but these (tiny, 2 steps).
 SMOKE_TRAIN = {
@@ -154,9 +155,9 @@ def check_tokenizer_holdout(tokenizer_dir: Path, info: dict) -> dict:
     # character offsets agree to within the number of documents.
     at = text.find(snippet, int(len(text) * 0.8))
     info.update(
-        num_tokens=int(len(tokens.ids)),
-        train_tokens=int(len(tokens.train)),
-        val_tokens=int(len(tokens.val)),
+        num_tokens=len(tokens.ids),
+        train_tokens=len(tokens.train),
+        val_tokens=len(tokens.val),
         val_starts_at_char=at,
     )
     if at < 0 or at < info["chars_trained_on"]:
@@ -201,10 +202,10 @@ def write_init_model(folder: Path, tokenizer_dir: Path, size: dict) -> dict:
 
 def presets(smoke: bool, out: Path) -> tuple[CompareConfig, RecipeConfig]:
     """The two presets (with --smoke's overrides), checked to share every training setting."""
-    reference = str(out / "reference" / "final")
+    reference = rel(out / "reference" / "final")
     t_over = {"model": reference, **(SMOKE_TRAIN if smoke else {})}
-    cmp_values = {**load_yaml(COMPARE_PRESET), **t_over, "out": str(out / "compare")}
-    run_values = {**load_yaml(RUN_PRESET), **t_over, "out": str(out / "run")}
+    cmp_values = {**load_yaml(COMPARE_PRESET), **t_over, "out": rel(out / "compare")}
+    run_values = {**load_yaml(RUN_PRESET), **t_over, "out": rel(out / "run")}
     if smoke:
         cmp_values.update(SMOKE_COMPARE)
         run_values.update(SMOKE_RUN)
@@ -232,9 +233,20 @@ def flags(values: dict) -> list[str]:
     return args
 
 
-def overrides(smoke: bool, out: Path, sub: str, extra: dict) -> dict:
-    """Flags that replace preset values: the output folder, the reference, --smoke's sizes."""
-    values = {"model": str(out / "reference" / "final"), "out": str(out / sub)}
+def rel(path: Path) -> str:
+    """``path`` as the commands show it: relative to the repository root when inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def overrides(preset: Path, smoke: bool, out: Path, sub: str, extra: dict) -> dict:
+    """Flags that replace preset values: the reference and output folders where they differ
+    from the preset's (a custom --out), and --smoke's sizes."""
+    written = load_yaml(preset)
+    values = {"model": rel(out / "reference" / "final"), "out": rel(out / sub)}
+    values = {k: v for k, v in values.items() if written.get(k) != v}
     if smoke:
         values.update(SMOKE_TRAIN, **extra)
     return values
@@ -265,7 +277,8 @@ class Stages:
         shown = " ".join(str(c) for c in cmd).replace(sys.executable, "python")
         log(f"{name}: {shown}")
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        if subprocess.run(cmd, cwd=ROOT).returncode:
+            raise SystemExit(f"table1-mini: stage {name} failed; fix it and rerun to resume")
         self.save(name, {"command": shown, "wall_s": round(time.time() - t0, 1)})
 
     def function(self, name: str, fn, finished: Path) -> dict:
@@ -279,10 +292,58 @@ class Stages:
         return self.record[name]
 
 
+# The small outputs committed to benchmarks/results/table1-mini (no weights): OUT-relative paths.
+COLLECT = [
+    "commands.json",
+    "summary.json",
+    "reference-train.yaml",
+    "reference/result.json",
+    "reference/loss.png",
+    "reference/log.jsonl",
+    "analyze/analysis.json",
+    "analyze/summary.txt",
+    "analyze/heads.csv",
+    "analyze/rank_heatmap.png",
+    "analyze/layers.png",
+    "analyze/config.yaml",
+    "compare/compare.md",
+    "compare/compare.json",
+    "compare/curves.png",
+    "compare/config.yaml",
+    "compare/scores.json",
+    "run/report.md",
+    "run/report.json",
+    "run/curves.png",
+    "run/config.yaml",
+]
+
+
+def collect(out: Path, dest: Path) -> None:
+    """Copy the small outputs into ``dest`` (same layout), with the tokenizer's sha256."""
+    import shutil
+
+    for name in COLLECT:
+        src = out / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    tok = out / "tokenizer" / "tokenizer.json"
+    checkpoint.atomic_write_json(
+        dest / "tokenizer.json.sha256.json", {"tokenizer.json": checkpoint.sha256_file(tok)}
+    )
+    log(f"copied the small outputs to {dest}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--out", default=None, help="default runs/table1-mini (--smoke: ...-smoke)")
     p.add_argument("--smoke", action="store_true", help="T=2 and a tiny model: the plumbing only")
+    p.add_argument(
+        "--collect",
+        default=None,
+        help="at the end, copy the small outputs (no weights) here, e.g. "
+        "benchmarks/results/table1-mini",
+    )
     args = p.parse_args(argv)
     kind = "smoke" if args.smoke else "real"
     out = Path(args.out or ("runs/table1-mini-smoke" if args.smoke else "runs/table1-mini"))
@@ -302,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     stages.function("2-init-model", lambda: write_init_model(init_dir, tok_dir, size), init_dir)
 
     # 3. the reference: the compare preset's training settings, from the random init.
-    train_cfg = replace(cmp_cfg.train, model=str(init_dir), out=str(ref_dir))
+    train_cfg = replace(cmp_cfg.train, model=rel(init_dir), out=rel(ref_dir))
     train_cfg.resume = bool(checkpoint.list_checkpoints(checkpoint.checkpoints_root(ref_dir)))
     train_yaml = out / "reference-train.yaml"
     if not stages.done("3-train-reference"):
@@ -311,12 +372,12 @@ def main(argv: list[str] | None = None) -> None:
         save_resolved(train_cfg, train_yaml)
     stages.command(
         "3-train-reference",
-        inheritune("train", "--config", str(train_yaml)),
+        inheritune("train", "--config", rel(train_yaml)),
         ref_dir / "result.json",
     )
 
     # 4. the analysis of the reference (the paper's 100 windows x 100 tokens by default).
-    analyze_args = {"model": str(ref_dir / "final"), "out": str(out / "analyze")}
+    analyze_args = {"model": rel(ref_dir / "final"), "out": rel(out / "analyze")}
     if args.smoke:
         analyze_args.update(SMOKE_ANALYZE)
     stages.command(
@@ -326,13 +387,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 5-6. the presets themselves, with only the folders (and --smoke's sizes) overridden.
-    cmp_flags = flags(overrides(args.smoke, out, "compare", SMOKE_COMPARE))
+    cmp_flags = flags(overrides(COMPARE_PRESET, args.smoke, out, "compare", SMOKE_COMPARE))
     stages.command(
         "5-compare",
         inheritune("compare", "--config", str(COMPARE_PRESET.relative_to(ROOT)), *cmp_flags),
         out / "compare" / "compare.json",
     )
-    run_flags = flags(overrides(args.smoke, out, "run", SMOKE_RUN))
+    run_flags = flags(overrides(RUN_PRESET, args.smoke, out, "run", SMOKE_RUN))
     stages.command(
         "6-run",
         inheritune("run", "--config", str(RUN_PRESET.relative_to(ROOT)), *run_flags),
@@ -348,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     checkpoint.atomic_write_json(out / "summary.json", summary)
     log(f"done: {out}/summary.json (stages {summary['stage_wall_s_total']} s)")
+    if args.collect:
+        collect(out, ROOT / args.collect)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,13 @@ def _isolated_cache(tmp_path, monkeypatch, request):
     """Each test gets its own cache, except slow tests that use the real embedded assets."""
     if "slow" not in request.keywords:
         monkeypatch.setenv("INHERITUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tokens(tmp_path, tokenizer):
+    """The tiny corpus (twice over) tokenised into a token folder in the test's cache."""
+    from inheritune import data
+
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS_TEXT * 2)
+    return data.load_tokens(str(p), tokenizer)

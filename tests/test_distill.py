@@ -7,19 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import CORPUS_TEXT, tiny_model
-from inheritune import data, distill, losses, optim, surgery
+from conftest import tiny_model
+from inheritune import distill, losses, optim, surgery
 from inheritune import train as T
 from inheritune.config import ConfigError
 
 SEQ = 16
-
-
-@pytest.fixture
-def tokens(tmp_path, tokenizer):
-    p = tmp_path / "corpus.txt"
-    p.write_text(CORPUS_TEXT * 2)
-    return data.load_tokens(str(p), tokenizer)
 
 
 def _cfg(out, **kw) -> T.TrainConfig:

@@ -250,13 +250,13 @@ def test_two_process_run_tokenises_once(tmp_path, tiny_folder, corpus_file):
 
     two = _torchrun(["-m", "inheritune", "run", "--config", str(preset(tmp_path / "two"))], cache)
     assert two.returncode == 0, two.stderr[-3000:]
-    folders = sorted((cache / "tokens").iterdir())
-    assert [p.name for p in folders if not p.name.startswith(".")] == [folders[0].name]
-    assert (folders[0] / "meta.json").is_file()
+    folders = list((cache / "tokens").iterdir())
+    assert len(folders) == 1  # one token folder, no error markers
+    assert sorted(p.name for p in folders[0].iterdir()) == ["meta.json", "tokens.bin"]
     leftovers = [
         p
         for p in [*cache.rglob("*"), *(tmp_path / "two").rglob("*")]
-        if p.name.startswith((".tmp", ".meta.json", "shards")) or p.suffix in (".tmp", ".partial")
+        if p.name.startswith(".tmp") or ".error-" in p.name or p.suffix in (".tmp", ".partial")
     ]
     assert leftovers == []
 
@@ -271,7 +271,7 @@ def test_two_process_run_tokenises_once(tmp_path, tiny_folder, corpus_file):
     assert one.returncode == 0, one.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "report.json").read_text())["rounds"]
     b = json.loads((tmp_path / "two" / "report.json").read_text())["rounds"]
-    assert [r["depth"] for r in a] == [r["depth"] for r in b] and len(a) == 2
+    assert [r["layers"] for r in a] == [r["layers"] for r in b] == [2, 4]
     for x, y in zip(a, b, strict=True):
         assert y["val_loss"] == pytest.approx(x["val_loss"], abs=2e-4)
 

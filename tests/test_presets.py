@@ -17,8 +17,11 @@ from inheritune.config import dataclass_from_dict, flat_dict, load_yaml, to_dict
 from inheritune.recipe import RecipeConfig
 
 ALL_PRESETS = sorted((Path(inheritune.__file__).parent / "presets").glob("*.yaml"))
-# `compare-*.yaml` are presets of `inheritune compare` (CompareConfig); the rest are `run`'s.
-COMPARE_PRESETS = [p for p in ALL_PRESETS if p.stem.startswith("compare-")]
+# `compare-*.yaml` and `*-compare.yaml` are presets of `inheritune compare` (CompareConfig); the
+# rest are `run`'s.
+COMPARE_PRESETS = [
+    p for p in ALL_PRESETS if p.stem.startswith("compare-") or p.stem.endswith("-compare")
+]
 PRESETS = [p for p in ALL_PRESETS if p not in COMPARE_PRESETS]
 # What a one-step run on a tiny model must change; everything else comes from the preset.
 TINY_OVERRIDES = {

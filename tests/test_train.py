@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CORPUS_TEXT, make_tokenizer, tiny_model
+from conftest import make_tokenizer, tiny_model
 from inheritune import checkpoint as ckpt
 from inheritune import cli, data, losses, monitor
 from inheritune import train as T
@@ -26,13 +26,6 @@ from inheritune.config import ConfigError
 from inheritune.distill import Teacher
 
 SEQ = 16
-
-
-@pytest.fixture
-def tokens(tmp_path, tokenizer):
-    p = tmp_path / "corpus.txt"
-    p.write_text(CORPUS_TEXT * 2)
-    return data.load_tokens(str(p), tokenizer)
 
 
 def cfg_for(out: Path, **kw) -> T.TrainConfig:

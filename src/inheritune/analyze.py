@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from inheritune import assets, metrics, models, plots
+from inheritune import assets, inputs, metrics, models, plots
 from inheritune.arch import get_arch
 from inheritune.config import (
     ConfigError,
@@ -47,6 +47,7 @@ from inheritune.config import (
     save_resolved,
     validate_numbers,
 )
+from inheritune.distributed import DEFAULT_TIMEOUT_S
 from inheritune.mergekit import LAYER_NUMBERING
 
 
@@ -94,6 +95,13 @@ class AnalyzeConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow custom model code from the model folder"}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (the GPU if there is one)"}
+    )
+    dist_timeout: float = field(
+        default=DEFAULT_TIMEOUT_S,
+        metadata={"help": "seconds a torchrun process waits for the one preparing", "min": 1},
     )
 
     def __post_init__(self) -> None:
@@ -538,25 +546,33 @@ def write_report(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path]
 
 def analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     """The ``inheritune analyze`` command: check inputs, sample, analyse, report."""
-    from inheritune import data
+    from inheritune import distributed
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    # Cheap checks first: the model's config and the data, before any weights are loaded.
-    model_config = models.load_config(cfg.model, cfg.trust_remote_code)
-    models.check_context(model_config, cfg.seq_len)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    tokens = data.load_tokens(cfg.data, tokenizer)
-    input_ids = sample_inputs(tokens.val, cfg)
-
-    model = models.load_model(
-        cfg.model, attn_implementation="eager", trust_remote_code=cfg.trust_remote_code
+    # Cheap checks first (the model's config, the data, the windows), then the weights.
+    loaded = inputs.load(
+        cfg.model,
+        cfg.data,
+        weights=False,
+        seq_lens={"seq_len": cfg.seq_len},
+        trust_remote_code=cfg.trust_remote_code,
+        dist_timeout=cfg.dist_timeout,
     )
+    input_ids = sample_inputs(loaded.tokens.val, cfg)
+    model = inputs.load(
+        cfg.model,
+        device=cfg.device,
+        tokenizer=False,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation="eager",
+    ).model
     result = run_analysis(model, input_ids, cfg, model_name=cfg.model)
     result.data, result.seed = cfg.data, cfg.seed
-    write_report(result, out)
-    save_resolved(cfg, out / "config.yaml")
-    print(summary_table(result))
-    print(f"report written to {out}/ (analysis.json, heads.csv, *.png)", file=sys.stderr)
+    if distributed.setup().is_main:  # under torchrun every process computes the same report
+        write_report(result, out)
+        save_resolved(cfg, out / "config.yaml")
+        print(summary_table(result))
+        print(f"report written to {out}/ (analysis.json, heads.csv, *.png)", file=sys.stderr)
     return result

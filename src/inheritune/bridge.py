@@ -31,6 +31,7 @@ that matters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -143,19 +144,20 @@ def _tensor(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_states(
-    reference: nn.Module, windows: torch.Tensor | np.ndarray, l: int, batch_size: int = 8
+    reference: nn.Module, windows: torch.Tensor | np.ndarray, depth: int, batch_size: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h_l, h_L), each (n, T, D) float32: the stream after the reference's first ``l`` blocks and
-    after all of them (the final norm's input), on token ``windows`` (n, T). One forward per
-    batch, blocks only (the head never runs)."""
+    """(h_l, h_L), each (n, T, D) float32 on the CPU: the residual stream after the reference's
+    first ``depth`` blocks and after all of them (the final norm's input), on token ``windows``
+    (n, T). One forward per batch, blocks only (the head never runs)."""
     arch = get_arch(reference)
     if arch.final_norm is None:
         raise UnsupportedModelError(
             f"{type(reference).__name__} has no final norm; a bridge needs one"
         )
-    if not 1 <= l < arch.num_layers:
+    if not 1 <= depth < arch.num_layers:
         raise ConfigError(
-            f"a bridge needs 1 <= l < {arch.num_layers} (the reference's depth), got l = {l}"
+            f"a bridge needs 1 <= --num-layers < {arch.num_layers} (the reference's depth), "
+            f"got {depth}"
         )
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
     device = next(reference.parameters()).device
@@ -170,17 +172,15 @@ def collect_states(
         raise _Stop  # the final norm itself is not needed
 
     hooks = [
-        arch.layers[l - 1].register_forward_hook(take_low),
+        arch.layers[depth - 1].register_forward_hook(take_low),
         arch.final_norm.register_forward_pre_hook(take_high),
     ]
     was_training = reference.training
     reference.eval()
     try:
         for s in range(0, len(ids), batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 reference.base_model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         for h in hooks:
             h.remove()
@@ -207,21 +207,32 @@ def _gain(model: nn.Module) -> torch.Tensor:
     return w.detach().float().abs().cpu()
 
 
+def _rows(h: torch.Tensor, center: bool) -> torch.Tensor:
+    """(n, T, D) states -> (n * (T - 1), D) float64 normalised rows, position 0 left out."""
+    return _normalise(h[:, 1:].reshape(-1, h.shape[-1]).double(), center)
+
+
 def fit_linear_map(
     h_l: torch.Tensor, h_L: torch.Tensor, center: bool = False, ridge: float = 1e-4
 ) -> tuple[torch.Tensor, float]:
-    """Closed-form least-squares map A (D, D) with ``normalise(h_l) A ~ normalise(h_L)``, and R^2.
+    """Least-squares map A (D, D) with ``normalise(h_l) @ A ~ normalise(h_L)``, and its R^2.
 
-    Position 0 is left out. Inputs are only RMS-normalised (a per-token scale, which the final
-    norm ignores), so ``h_l @ A`` is a map of the raw stream whose normalised output is the fit.
-    A reference point, not a standard architecture: it is not foldable into the blocks.
+    Closed form (normal equations, a tiny ridge for conditioning), position 0 left out. Inputs
+    are only RMS-normalised, a per-token scale that the final norm ignores, so ``h_l @ A`` used
+    as the final norm's input is the fitted map of the raw stream. A reference point, not a
+    standard architecture: it does not fold into the blocks (the skip path is unnormalised).
+    ``center``: remove each target row's mean first (LayerNorm families).
     """
-    x = _normalise(h_l[:, 1:].reshape(-1, h_l.shape[-1]).double(), False)
-    y = _normalise(h_L[:, 1:].reshape(-1, h_L.shape[-1]).double(), center)
-    gram = x.T @ x
+    x, y = _rows(h_l, False), _rows(h_L, center)
+    gram = x.T @ x  # (D, D)
     gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     a = torch.linalg.solve(gram, x.T @ y)
     return a.float(), _r2(x @ a, y)
+
+
+def linear_map_r2(a: torch.Tensor, h_l: torch.Tensor, h_L: torch.Tensor, center: bool) -> float:
+    """R^2 of the map ``a`` on other states (e.g. held-out windows)."""
+    return _r2(_rows(h_l, False) @ a.double(), _rows(h_L, center))
 
 
 def _r2(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -233,23 +244,26 @@ def _r2(pred: torch.Tensor, y: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- the bridge block
 
 
-def add_bridge_block(model: nn.Module, l: int, init: str = "last", seed: int = 0) -> nn.Module:
-    """A new model of ``model``'s embeddings, first ``l`` blocks, one bridge block, norm and head.
+def add_bridge_block(model: nn.Module, depth: int, init: str = "last", seed: int = 0) -> nn.Module:
+    """A new model of ``model``'s embeddings, first ``depth`` blocks, one bridge block, final norm
+    and head: a standard model of the same class with depth + 1 layers, built by
+    :func:`inheritune.surgery.select_layers` (so tied embeddings stay tied).
 
-    The bridge starts as a copy of ``model``'s block L-1 (``last``), l (``next``) or l-1
-    (``repeat``); the result is a standard model of the same class with l + 1 layers (built by
-    :func:`inheritune.surgery.select_layers`, so tied embeddings stay tied).
+    The bridge starts as a copy of ``model``'s block L-1 (``last``), ``depth`` (``next``) or
+    ``depth - 1`` (``repeat``).
     """
     from inheritune import surgery
 
     n = get_arch(model).num_layers
     if init not in BRIDGE_INITS:
         raise ConfigError(f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {init!r}")
-    surgery.check_depth(l, n)
-    src = {"last": n - 1, "next": l, "repeat": l - 1}[init]
+    surgery.check_depth(depth, n)
+    src = {"last": n - 1, "next": depth, "repeat": depth - 1}[init]
     if src >= n:
-        raise ConfigError(f"--bridge-init next needs a block l = {l}, but the model has {n} layers")
-    return surgery.select_layers(model, [*range(l), src], allow_repeats=True, seed=seed)
+        raise ConfigError(
+            f"--bridge-init next needs block {depth} after the kept ones, but the model has {n}"
+        )
+    return surgery.select_layers(model, [*range(depth), src], allow_repeats=True, seed=seed)
 
 
 class BlockRunner:
@@ -277,20 +291,24 @@ class BlockRunner:
 
             hook = self.block.register_forward_pre_hook(grab, with_kwargs=True)
             device = next(self.model.parameters()).device
+            # any token will do (the inputs captured depend on the shape only), but not the pad
+            # token, which makes some families warn about a missing attention mask
+            token = 2 if getattr(self.model.config, "pad_token_id", None) == 1 else 1
             try:
-                self.model.base_model(
-                    input_ids=torch.zeros(b, t, dtype=torch.long, device=device), use_cache=False
-                )
-            except _Stop:
-                pass
+                with contextlib.suppress(_Stop):
+                    self.model.base_model(
+                        input_ids=torch.full((b, t), token, dtype=torch.long, device=device),
+                        use_cache=False,
+                    )
             finally:
                 hook.remove()
             self._inputs[(b, t)] = seen[0]
         return self._inputs[(b, t)]
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D) float32
         args, kwargs = self._capture(*hidden.shape[:2])
-        return _tensor(self.block(hidden, *args, **kwargs))
+        p = next(self.block.parameters())
+        return _tensor(self.block(hidden.to(p.device, p.dtype), *args, **kwargs)).float()
 
 
 def state_loss(
@@ -341,7 +359,7 @@ def fit_bridge(
 
     was_training = model.training
     model.eval()  # dropout off: the fit targets a deterministic forward
-    t0 = time.perf_counter()
+    cpu = time.process_time()
     before = check()
     params = [p for p in block.parameters()]
     saved = [p.requires_grad for p in params]
@@ -375,72 +393,127 @@ def fit_bridge(
         "fit_loss_before": before,
         "fit_loss_after": after,
         "steps": steps,
-        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu,
     }
 
 
 # --------------------------------------------------------------------------- the whole build
 
 
+def calibration_windows(train: np.ndarray, cfg: BridgeConfig, seed: int = 0) -> np.ndarray:
+    """The bridge's calibration windows, (calib_tokens // calib_seq_len, calib_seq_len), drawn
+    at seeded random positions of a TRAINING split (never the validation split)."""
+    from inheritune import data
+
+    return data.sample_windows(train, cfg.calib_windows, cfg.calib_seq_len, seed)
+
+
 def build_bridged(
     reference: nn.Module,
-    l: int,
+    depth: int,
     calib_ids: torch.Tensor | np.ndarray,
     cfg: BridgeConfig,
     seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The reference's first ``l`` blocks + a fitted bridge block + refitted final norm.
+    """The reference's first ``depth`` blocks + a fitted bridge block + refitted final norm.
 
-    ``calib_ids`` (n, T) are training-split windows; the last eighth of them (at least one) is
-    held out to report the fit. Returns the new model (l + 1 layers, the reference's class) and
-    the fit statistics that ``provenance.json`` records.
+    ``calib_ids`` (n, T) are training-split windows (:func:`calibration_windows`); the last
+    eighth of them (at least one) is held out to report the fit, the first ``cfg.norm_windows``
+    also fit the final norm. Returns the new model (depth + 1 layers, the reference's class,
+    eval mode) and the fit statistics that ``provenance.json`` records. The reference is not
+    modified.
     """
     from inheritune.calibrate import calibrate_final_norm
 
     ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
     if ids.ndim != 2 or len(ids) < 2 or ids.shape[1] < 2:
         raise ConfigError(
-            f"the bridge needs at least 2 calibration windows of >= 2 tokens, got {tuple(ids.shape)}"
+            "the bridge needs at least 2 calibration windows of >= 2 tokens (--calib-tokens, "
+            f"--calib-seq-len), got shape {tuple(ids.shape)}"
         )
-    t0 = time.perf_counter()
-    n_hold = max(1, len(ids) // 8)
-    fit_ids = ids[:-n_hold]
-    h_l, h_L = collect_states(reference, ids, l)
-    seconds_states = time.perf_counter() - t0
+    wall, cpu = time.perf_counter(), time.process_time()
+    hold = max(1, len(ids) // 8)
+    h_l, h_L = collect_states(reference, ids, depth)
+    seconds_states = time.process_time() - cpu
     center = _centers(reference)
-    _, r2_fit = fit_linear_map(h_l[:-n_hold], h_L[:-n_hold], center)
-    a, _ = fit_linear_map(h_l[:-n_hold], h_L[:-n_hold], center)
-    x_hold = _normalise(h_l[-n_hold:, 1:].reshape(-1, h_l.shape[-1]).double(), False)
-    y_hold = _normalise(h_L[-n_hold:, 1:].reshape(-1, h_L.shape[-1]).double(), center)
-    r2_held = _r2(x_hold @ a.double(), y_hold)
-    model = add_bridge_block(reference, l, cfg.bridge_init, seed=seed)
+    a, r2_fit = fit_linear_map(h_l[:-hold], h_L[:-hold], center)
+    r2_held = linear_map_r2(a, h_l[-hold:], h_L[-hold:], center)
+    model = add_bridge_block(reference, depth, cfg.bridge_init, seed=seed)
     gain = _gain(reference)
     fit = fit_bridge(
         model,
-        h_l[:-n_hold],
-        h_L[:-n_hold],
+        h_l[:-hold],
+        h_L[:-hold],
         steps=cfg.bridge_steps,
         lr=cfg.bridge_lr,
         batch_size=cfg.bridge_batch,
-        held_out=(h_l[-n_hold:], h_L[-n_hold:]),
+        held_out=(h_l[-hold:], h_L[-hold:]),
         gain=gain,
         seed=seed,
     )
-    norm = calibrate_final_norm(model, fit_ids[: cfg.norm_windows], iters=cfg.norm_iters)
+    norm = calibrate_final_norm(
+        model, ids[: min(cfg.norm_windows, len(ids) - hold)], cfg.norm_iters
+    )
     stats = {
         "bridge": cfg.bridge,
         "bridge_init": cfg.bridge_init,
-        "kept_layers": l,
+        "kept_layers": depth,
+        "layers": depth + 1,
         "calib_windows": len(ids),
         "calib_seq_len": int(ids.shape[1]),
         "calib_tokens": int(ids.numel()),
-        "held_out_windows": n_hold,
+        "held_out_windows": hold,
+        "fit_loss": "mean 1 - cos of gain-weighted normalised states, position 0 left out",
+        "fit_loss_before": fit["fit_loss_before"],
+        "fit_loss_after": fit["fit_loss_after"],
+        # the same loss for the linear map: how close the block gets to it
+        "linear_map_fit_loss": float(state_loss(h_l[-hold:] @ a, h_L[-hold:], gain, center)),
         "linear_map_r2": {"fit": r2_fit, "held_out": r2_held},
-        **{k: v for k, v in fit.items() if k != "seconds"},
+        "steps": cfg.bridge_steps,
         "lr": cfg.bridge_lr,
-        "batch": cfg.bridge_batch,
-        "final_norm": norm,
-        "seconds": {"states": seconds_states, "fit": fit["seconds"], "total": 0.0},
+        "batch_windows": cfg.bridge_batch,
+        "final_norm": {
+            "windows": min(cfg.norm_windows, len(ids) - hold),
+            "iters": cfg.norm_iters,
+            "calib_loss_before": norm["before"],
+            "calib_loss_after": norm["after"],
+        },
+        "cpu_seconds": {
+            "states": seconds_states,
+            "fit": fit["cpu_seconds"],
+            "total": time.process_time() - cpu,
+        },
+        "wall_seconds": time.perf_counter() - wall,
     }
-    stats["seconds"]["total"] = time.perf_counter() - t0
+    return model, stats
+
+
+def bridge_on_corpus(
+    reference: nn.Module,
+    depth: int,
+    tokens: Any,
+    cfg: BridgeConfig,
+    seed: int = 0,
+    eval_tokens: int = 8192,
+    eval_seq_len: int = 128,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`build_bridged` on a tokenised corpus (:class:`inheritune.data.Tokens`), plus the
+    validation loss of the reference, the inherited ``depth`` layers as they are, and the bridged
+    model, on the fixed validation windows the training loop evaluates on
+    (:func:`inheritune.data.eval_windows`; ``eval_tokens`` 0 skips them)."""
+    from inheritune import data, surgery
+    from inheritune.losses import evaluate_loss
+
+    ids = calibration_windows(tokens.train, cfg, seed)
+    model, stats = build_bridged(reference, depth, ids, cfg, seed=seed)
+    if eval_tokens > 0:
+        windows = data.eval_windows(tokens, eval_seq_len, eval_tokens)
+        stats["validation"] = {
+            "windows": len(windows),
+            "seq_len": eval_seq_len,
+            "tokens": int(windows[:, 1:].size),
+            "reference": evaluate_loss(reference, windows),
+            "inherited": evaluate_loss(surgery.first_layers(reference, depth), windows),
+            "bridged": evaluate_loss(model, windows),
+        }
     return model, stats

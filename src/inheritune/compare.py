@@ -120,6 +120,10 @@ class CompareConfig:
             "passthrough YAML: FILE with the variant inserted (merge.yaml -> merge.prune-bi.yaml)"
         },
     )
+    device: str = field(
+        default="auto",
+        metadata={"help": "device of the reference (its loss, the scores): cpu, cuda[:N] or auto"},
+    )
 
     def __post_init__(self) -> None:
         validate_numbers(self)  # finite, in range, of the declared type (config.py)
@@ -382,7 +386,13 @@ def compare(cfg: CompareConfig) -> CompareResult:
     specs = {n: variant_spec(cfg, n, depth) for n in names if n not in skipped}
     done = {n: _is_cached(out / n, s) for n, s in specs.items()}
 
-    loaded = inputs.load(t.model, t.data, device="auto", trust_remote_code=t.trust_remote_code)
+    loaded = inputs.load(
+        t.model,
+        t.data,
+        device=cfg.device,
+        trust_remote_code=t.trust_remote_code,
+        dist_timeout=t.dist_timeout,
+    )
     reference, tokenizer, tokens = loaded.model, loaded.tokenizer, loaded.tokens
     if "half-width" in specs and not done["half-width"]:
         reason = half_width_reason(reference)

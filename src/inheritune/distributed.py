@@ -130,7 +130,7 @@ def _job_id(device: torch.device) -> str:
     """A random id rank 0 draws once per process group and broadcasts (every rank calls setup
     when the group starts). Error markers carry it, so a marker left by an earlier failed job
     is never mistaken for this job's."""
-    key = id(dist.distributed_c10d._get_default_group())
+    key = id(dist.group.WORLD)
     if _group.get("job_of") != key:
         box = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
@@ -228,8 +228,8 @@ def _write_error(path: Path, err: BaseException, env: DistEnv) -> None:
         "module": cls.__module__,
         "type": cls.__qualname__,
         "message": str(err) or cls.__name__,
+        "rank": env.rank,
     }
-    record["rank"] = env.rank
     with contextlib.suppress(Exception):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record))
@@ -238,7 +238,7 @@ def _write_error(path: Path, err: BaseException, env: DistEnv) -> None:
 def _wait_for(marker: Path, error: Path, env: DistEnv, what: str, poll: float) -> None:
     deadline = time.monotonic() + env.timeout
     announced = False
-    while not marker.exists():
+    while not marker.exists():  # polled ever more slowly (up to 5 s): many ranks, one filesystem
         if error.is_file():
             raise _peer_error(json.loads(error.read_text()), what)
         if time.monotonic() > deadline:
@@ -252,6 +252,7 @@ def _wait_for(marker: Path, error: Path, env: DistEnv, what: str, poll: float) -
             print(f"[inheritune] waiting for another process to prepare {what}", file=sys.stderr)
             announced = True
         time.sleep(poll)
+        poll = min(poll * 1.5, 5.0)
 
 
 def _peer_error(record: dict[str, Any], what: str) -> BaseException:

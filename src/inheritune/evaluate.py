@@ -31,8 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inheritune import models
+from inheritune import distributed, inputs, models
 from inheritune.config import ConfigError, check_positive, flag, save_resolved, validate_numbers
+from inheritune.distributed import DEFAULT_TIMEOUT_S
 
 # The zero-shot suite of the paper's FineWeb-edu comparison (PAPER.md section 4).
 PAPER_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")
@@ -89,6 +90,10 @@ class EvalConfig:
     )
     ppl_max_tokens: int | None = field(
         default=None, metadata={"help": "use only the first N tokens of --ppl-file"}
+    )
+    dist_timeout: float = field(
+        default=DEFAULT_TIMEOUT_S,
+        metadata={"help": "seconds a torchrun process waits for the one preparing", "min": 1},
     )
 
     def __post_init__(self) -> None:
@@ -404,29 +409,23 @@ def markdown_table(summary: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines)
 
 
-def _device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{flag('device')} {arg}: CUDA is not available on this machine")
-    return torch.device(arg)
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured tasks and/or perplexity; write eval.json, eval.md, config.yaml."""
     # Bad model arguments, task names and devices fail before any weights load.
+    main = distributed.setup(cfg.dist_timeout).is_main  # under torchrun: rank 0 writes
     src = models.resolve_model(cfg.model)
     config = models.load_config(cfg.model)  # also checks the weight files, before --out exists
     if cfg.ppl_file:
         models.check_context(config, cfg.ppl_seq_len, "ppl_seq_len")
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None
-    device = _device(cfg.device)
+    device = inputs.resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / src.name.replace("/", "--")
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out / "config.yaml")
 
-    model = models.load_model(cfg.model, dtype=DTYPES[cfg.dtype]).to(device).eval()
-    tokenizer = models.load_tokenizer(cfg.model)
+    loaded = inputs.load(cfg.model, device=str(device), dtype=DTYPES[cfg.dtype])
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
     summary: dict[str, Any] = {
         "model": cfg.model,
         "parameters": models.count_parameters(model),
@@ -460,11 +459,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             max_tokens=cfg.ppl_max_tokens,
         )
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown_table(summary, src.name)
-    (out / "eval.md").write_text(table)
-    print(table)
-    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'config.yaml'}")
+    if main:
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "eval.md").write_text(table)
+        print(table)
+        print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'config.yaml'}")
     return summary
 
 

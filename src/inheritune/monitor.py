@@ -234,16 +234,20 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 L d T for the
     attention scores and values (PaLM, appendix B; the non-causal convention).
 
-    N counts every parameter that takes part in a matmul: the input embedding is a lookup and is
-    left out, unless it is tied to the head, which is a matmul. Assumes every parameter trains.
+    N counts the weights that take part in a matmul: every matrix except the embedding tables
+    (lookups), but a table tied to the head counts, being the head's matmul too. Norm scales and
+    biases are element-wise and left out. Assumes every weight trains.
     """
     cfg = model.config
-    unique = {id(p): p for p in model.parameters()}
-    n = sum(p.numel() for p in unique.values())
-    embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    if head is None or head.weight is not embed:
-        n -= embed.numel()
+    head_weight = head.weight if head is not None else None
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    unique = {id(p): p for p in model.parameters()}
+    n = sum(
+        p.numel()
+        for i, p in unique.items()
+        if p.ndim >= 2 and (i not in lookups or p is head_weight)
+    )
     layers, d = int(cfg.num_hidden_layers), int(cfg.hidden_size)
     return 6.0 * n + 12.0 * layers * d * seq_len
 

@@ -147,6 +147,8 @@ class PrepareConfig:
 
 @dataclass
 class PrepareResult:
+    """What a prepare made (or found already made) and how long this run took."""
+
     folder: Path
     num_tokens: int
     val_tokens: int  # tokens of the document-level validation split (0: token-level split)
@@ -445,6 +447,7 @@ def _check_folder(out: Path, plan: dict) -> dict | None:
         return old  # its shard size too: shard numbers must mean the same text
     if any(f.name != ".lock" for f in out.iterdir()):
         raise DataError(f"{out} is not empty and not a token folder; choose another --out")
+    _write_json(out / PROGRESS_FILE, asdict(_Progress()))
     _write_json(out / PLAN_FILE, plan)
     return plan
 
@@ -546,8 +549,7 @@ def prepare_tokens(
         shards_dir.mkdir(exist_ok=True)
         for tmp in shards_dir.glob("*.tmp"):  # half-written by a killed run: never data
             tmp.unlink()
-        state = out / PROGRESS_FILE
-        p = _Progress(**json.loads(state.read_text())) if state.is_file() else _Progress()
+        p = _Progress(**json.loads((out / PROGRESS_FILE).read_text()))
         resumed = p.shards
         reused = _run(source, tokenizer, out, plan, p, num_proc, progress)
         if p.tokens == 0 or (plan["val_docs_every"] and p.val_tokens == 0):

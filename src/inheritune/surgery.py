@@ -12,6 +12,8 @@ the same weights.
   attention + MLP); ``allow_repeats`` gives (hybrid) stacking.
 * :func:`drop_layers` -- the complement of a selection (layer pruning baselines).
 * :func:`random_init` -- the same architecture with fresh weights at any depth.
+* :func:`fresh_parts` -- re-initialise the embeddings, position embeddings, final norm or head
+  (what the official code leaves fresh, PAPER.md section 2).
 * :func:`half_width` -- all layers at half hidden size / heads / MLP width, sliced weights.
 * :func:`inherit` -- the ``inheritune inherit`` command: writes a loadable HF folder.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inheritune import bridge as _bridge
 from inheritune.arch import UnsupportedModelError, get_arch
 from inheritune.config import ConfigError, save_resolved, validate_numbers
 
@@ -317,6 +320,62 @@ def random_init(
     return model.eval()
 
 
+# --------------------------------------------------------------------------- fresh parts
+
+# Non-block parts that ``--fresh`` can re-initialise instead of inheriting.
+FRESH_PARTS = ("pos_embed", "final_norm", "embed", "head")
+
+
+def _parse_fresh(parts: str | Sequence[str] | None) -> list[str]:
+    """``"pos_embed,final_norm"`` or a list -> validated, de-duplicated, in FRESH_PARTS order."""
+    items = parts.split(",") if isinstance(parts, str) else list(parts or [])
+    names = {str(p).strip() for p in items if str(p).strip()}
+    bad = sorted(names - set(FRESH_PARTS))
+    if bad:
+        raise ConfigError(
+            f"--fresh: unknown part(s) {bad}; choose from {', '.join(FRESH_PARTS)} (comma list)"
+        )
+    return [p for p in FRESH_PARTS if p in names]
+
+
+def fresh_parts(model: nn.Module, parts: str | Sequence[str], seed: int = 0) -> nn.Module:
+    """A copy of ``model`` whose named non-block ``parts`` are freshly initialised.
+
+    ``parts`` from :data:`FRESH_PARTS`: ``pos_embed`` (learned position embeddings; families with
+    rotary ones have none and are refused), ``final_norm``, ``embed`` (token embeddings),
+    ``head`` (LM head). Fresh values are the model's own ``_init_weights`` under ``seed``, as in
+    a model built from its config. With tied embeddings the head IS the token embedding matrix:
+    ``embed`` or ``head`` then re-initialises that one shared matrix (and the tie is kept). So
+    the official GPT-2 scripts' start (they inherit lm_head, hence wte through tying) is
+    ``pos_embed,final_norm``; their OpenLLaMA start (untied) is ``embed,final_norm``.
+    """
+    names = _parse_fresh(parts)
+    arch = get_arch(model)
+    modules = {
+        "pos_embed": arch.pos_embed,
+        "final_norm": arch.final_norm,
+        "embed": arch.embed,
+        "head": arch.head,
+    }
+    cls = type(model).__name__
+    for name in names:
+        if modules[name] is None:
+            what = "learned position embeddings" if name == "pos_embed" else "a final norm"
+            raise ConfigError(f"--fresh {name}: {cls} has no {what} to re-initialise")
+    if arch.tied and {"embed", "head"} & set(names):
+        names = sorted({*names, "embed", "head"}, key=FRESH_PARTS.index)
+    path = {id(m): n for n, m in model.named_modules()}
+    fresh = {
+        f"{path[id(modules[name])]}.{key}" for name in names for key in modules[name].state_dict()
+    }
+    state = {k: v for k, v in model.state_dict().items() if k not in fresh}
+    new = _build(
+        model.config, state, fresh=frozenset(fresh), seed=seed, dtype=_dtype(model), like=model
+    )
+    _renumber_layer_idx(new)
+    return new
+
+
 # --------------------------------------------------------------------------- half width
 
 
@@ -404,6 +463,39 @@ class InheritConfig:
         default=None,
         metadata={"help": "also write the selection as a mergekit passthrough slices YAML FILE"},
     )
+    fresh: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "comma list of parts re-initialised (model's own init, --seed) instead of "
+            f"inherited: {', '.join(FRESH_PARTS)}; the official code's GPT-2 start is "
+            "pos_embed,final_norm. With tied embeddings, embed or head re-initialises the "
+            "shared matrix"
+        },
+    )
+    # --bridge block: an extra fitted block, a standard (l + 1)-layer checkpoint (bridge.py)
+    bridge: str = _bridge.mirror("bridge")
+    bridge_init: str = _bridge.mirror("bridge_init")
+    calib_tokens: int = _bridge.mirror("calib_tokens")
+    calib_seq_len: int = _bridge.mirror("calib_seq_len")
+    bridge_steps: int = _bridge.mirror("bridge_steps")
+    bridge_lr: float = _bridge.mirror("bridge_lr")
+    bridge_batch: int = _bridge.mirror("bridge_batch")
+    norm_iters: int = _bridge.mirror("norm_iters")
+    norm_windows: int = _bridge.mirror("norm_windows")
+    data: str = field(
+        default="shakespeare",
+        metadata={
+            "help": "corpus for --bridge block: calibration windows from its training split, "
+            "validation loss before/after (provenance.json) on its validation split"
+        },
+    )
+    eval_tokens: int = field(
+        default=8192,
+        metadata={"help": "validation tokens scored in provenance.json with --bridge (0: none)"},
+    )
+    eval_seq_len: int = field(
+        default=128, metadata={"help": "tokens per validation window with --bridge", "min": 1}
+    )
 
     def __post_init__(self) -> None:
         validate_numbers(self)  # finite, in range, of the declared type (config.py)
@@ -415,6 +507,18 @@ class InheritConfig:
             raise ConfigError(f"--num-layers must be >= 1, got {self.num_layers}")
         if self.parts not in PARTS:
             raise ConfigError(f"--parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
+        self.fresh = _parse_fresh(self.fresh)
+        bridge = _bridge.bridge_config(self)  # validates the bridge fields, naming the flag
+        if self.export_mergekit and (self.fresh or bridge.bridge != "none"):
+            raise ConfigError("--export-mergekit copies reference layers only: no --fresh/--bridge")
+        if bridge.bridge != "none":
+            if self.num_layers is None:
+                raise ConfigError("--bridge block needs --num-layers K (the first K layers)")
+            if self.parts != "block" or self.fresh:
+                raise ConfigError(
+                    "--bridge block is fitted to the reference's own blocks, embeddings, final "
+                    "norm and head: it needs --parts block and no --fresh"
+                )
 
 
 def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
@@ -445,6 +549,22 @@ def inherit(cfg: InheritConfig) -> Path:
         mergekit.check_path(cfg.export_mergekit)
     ref = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
+    if cfg.fresh:
+        target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
+    bridged = None
+    if cfg.bridge != "none":
+        from inheritune.data import load_tokens
+
+        tokens = load_tokens(cfg.data, load_tokenizer(cfg.model, cfg.trust_remote_code))
+        target, bridged = _bridge.bridge_on_corpus(
+            ref,
+            len(indices),
+            tokens,
+            _bridge.bridge_config(cfg),
+            cfg.seed,
+            cfg.eval_tokens,
+            cfg.eval_seq_len,
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out)
@@ -458,6 +578,8 @@ def inherit(cfg: InheritConfig) -> Path:
         "kept_layers": indices,
         "layer_numbering": mergekit.LAYER_NUMBERING,
         "parts": cfg.parts,
+        "fresh": cfg.fresh,
+        "bridge": bridged,
         "seed": cfg.seed,
         "parameters": {"reference": count_parameters(ref), "target": count_parameters(target)},
         "inheritune_version": __version__,
@@ -472,4 +594,11 @@ def inherit(cfg: InheritConfig) -> Path:
         f"({provenance['parameters']['target']:,} of {provenance['parameters']['reference']:,} "
         f"parameters) -> {out}"
     )
+    if bridged is not None and "validation" in bridged:
+        v = bridged["validation"]
+        print(
+            f"bridge block: validation loss {v['inherited']:.3f} (inherited) -> "
+            f"{v['bridged']:.3f} (bridged, {len(indices) + 1} layers); reference "
+            f"{v['reference']:.3f} nats/token on {v['tokens']} tokens"
+        )
     return out

@@ -556,8 +556,12 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
                 f"(the bottom {teacher.shared} are shared with the student)"
             )
     fsdp = cfg.fsdp and env.distributed
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:  # non-reentrant: works under DDP and FSDP, keeps dropout masks
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     flops_per_token = monitor.model_flops_per_token(model, cfg.seq_len)  # before sharding
     loss_module = distributed.wrap(
         losses.CausalLMLoss(model), get_arch(model).layers, env, fsdp, cfg.precision
