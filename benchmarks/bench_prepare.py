@@ -19,11 +19,15 @@ Contenders, run one after the other in the same process, each on one core per pr
 * ``reader``: the main process's share alone (read, decode, cut into shards, pickle for the
   workers), the ceiling for any number of processes.
 
+Each contender runs ``--rounds`` times, in turn (plain, N=1, N=2, plain, ...), so that load from
+other processes hits all alike; the summary uses each one's fastest round, and the table shows
+every round with its CPU time (this process and its workers).
+
 The projection for OpenWebText (~40 GB of text, ~9B GPT-2 tokens) scales the measured
 2-process throughput linearly in cores (per-process rate x cores, times the 2-process
 efficiency), capped by the reader; it leaves out downloading the corpus.
 
-    .venv/bin/python benchmarks/bench_prepare.py [--mb 50] [--write benchmarks/results/prepare.md]
+    .venv/bin/python benchmarks/bench_prepare.py [--mb 50] [--rounds 2] [--write FILE.md]
 """
 
 from __future__ import annotations
@@ -109,91 +113,106 @@ def hms(seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB of text")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of all contenders, in turn")
     ap.add_argument("--write", default=None, help="write the results as markdown to this file")
     args = ap.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as the CLI runs
     load_before = os.getloadavg()
     tokenizer = models.load_tokenizer(assets.DEFAULT_MODEL)
+    itemsize = data.token_dtype(len(tokenizer)).itemsize
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    runs: list[dict] = []
     try:
         corpus, n_docs, text_bytes = build_corpus(tmp, args.mb)
         source = data.resolve_data(str(corpus))
         mb = text_bytes / 1e6
-        rows: dict[str, dict] = {}
 
-        def timed(name: str, procs: int, fn) -> None:
+        def timed(name: str, procs: int, rnd: int, fn) -> None:
             cpu0, t = cpu_seconds(), time.perf_counter()
             fn()
             dt, cpu = time.perf_counter() - t, cpu_seconds() - cpu0
-            rows[name] = {"procs": procs, "s": dt, "cpu": cpu, "MB/s": mb / dt}
+            runs.append({"name": name, "procs": procs, "round": rnd, "s": dt, "cpu": cpu})
             print(
-                f"{name:>14}: {dt:6.1f} s  {mb / dt:6.2f} MB/s  cpu {cpu:6.1f} s",
+                f"round {rnd} {name:>12}: {dt:6.1f} s  {mb / dt:6.2f} MB/s  cpu {cpu:6.1f} s  "
+                f"load {os.getloadavg()[0]:.2f}",
                 file=sys.stderr,
                 flush=True,
             )
 
-        timed("reader", 1, lambda: reader_only(source))
-        timed("plain loop", 1, lambda: plain_loop(source, tokenizer, tmp / "plain.bin"))
-        for n in (1, 2):
-            out = tmp / f"n{n}"
-            timed(
-                f"prepare N={n}",
-                n,
-                lambda n=n, out=out: prepare_tokens(
-                    source, tokenizer, out, num_proc=n, progress=False
-                ),
-            )
-        plain = (tmp / "plain.bin").read_bytes()
-        for n in (1, 2):
-            if (tmp / f"n{n}" / "tokens.bin").read_bytes() != plain:
-                raise SystemExit(f"prepare N={n} wrote different tokens than the plain loop")
-        tokens = len(plain) // data.token_dtype(len(tokenizer)).itemsize
-        for r in rows.values():
-            r["tok/s"] = tokens / r["s"]
+        for rnd in range(1, args.rounds + 1):
+            timed("reader", 1, rnd, lambda: reader_only(source))
+            timed("plain loop", 1, rnd, lambda: plain_loop(source, tokenizer, tmp / "plain.bin"))
+            plain = (tmp / "plain.bin").read_bytes()
+            for n in (1, 2):
+                out = tmp / f"n{n}"
+                timed(
+                    f"prepare N={n}",
+                    n,
+                    rnd,
+                    lambda n=n, out=out: prepare_tokens(
+                        source, tokenizer, out, num_proc=n, progress=False
+                    ),
+                )
+                if (out / "tokens.bin").read_bytes() != plain:
+                    raise SystemExit(f"prepare N={n} wrote different tokens than the plain loop")
+                shutil.rmtree(out)
+        tokens = len(plain) // itemsize
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
-    one, two, base = rows["prepare N=1"], rows["prepare N=2"], rows["plain loop"]
-    speedup = one["s"] / two["s"]
-    per_core = one["MB/s"] / base["MB/s"]
+    best = {}
+    for r in runs:  # the fastest round of each contender: the least disturbed by other load
+        if r["name"] not in best or r["s"] < best[r["name"]]["s"]:
+            best[r["name"]] = r
+    rate = {k: mb / r["s"] for k, r in best.items()}
+    speedup = best["prepare N=1"]["s"] / best["prepare N=2"]["s"]
+    per_core = rate["prepare N=1"] / rate["plain loop"]
     eff = speedup / 2
     proj = {
         c: max(
-            OWT_BYTES / (one["MB/s"] * 1e6 * c * eff), OWT_BYTES / (rows["reader"]["MB/s"] * 1e6)
+            OWT_BYTES / (rate["prepare N=1"] * 1e6 * c * eff), OWT_BYTES / (rate["reader"] * 1e6)
         )
         for c in (16, 64)
     }
+    load = "/".join(f"{x:.2f}" for x in load_before), "/".join(f"{x:.2f}" for x in load_after)
     lines = [
         "# `inheritune prepare` throughput",
         "",
         f"Command: `{COMMAND}`",
         "",
         f"Corpus: {mb:.1f} MB of text, {n_docs:,} documents of 2-8 KB cut from the 42 embedded "
-        f"Shakespeare plays, shuffled and repeated (seed 0), one `.jsonl` in a temporary folder; "
-        f"{tokens:,} SmolLM2 tokens. Machine: {os.cpu_count()} cores, shared; load average "
-        f"(1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{'/'.join(f'{x:.2f}' for x in load_after)} after.",
+        f"Shakespeare plays, shuffled and repeated (seed 0), one `.jsonl` in a temporary folder "
+        f"(built by the script); {tokens:,} SmolLM2 tokens. Machine: {os.cpu_count()} cores, "
+        f"shared with other users; load average (1/5/15 min) {load[0]} before, {load[1]} after. "
+        f"Every contender ran {args.rounds} times, in turn; every prepare wrote the same bytes as "
+        f"the plain loop (checked).",
         "",
-        "| contender | processes | wall time (s) | MB/s | tokens/s | CPU time (s) | MB per CPU-s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| round | contender | processes | wall time (s) | MB/s | tokens/s | CPU time (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
         *(
-            f"| {name} | {r['procs']} | {r['s']:.1f} | {r['MB/s']:.2f} | {r['tok/s']:,.0f} | "
-            f"{r['cpu']:.1f} | {mb / r['cpu']:.2f} |"
-            for name, r in rows.items()
+            f"| {r['round']} | {r['name']} | {r['procs']} | {r['s']:.1f} | {mb / r['s']:.2f} | "
+            f"{tokens / r['s']:,.0f} | {r['cpu']:.1f} |"
+            for r in runs
         ),
         "",
-        f"* 2 processes vs 1: **{speedup:.2f}x** (parallel efficiency {eff:.0%}).",
-        f"* Per core, prepare vs the plain one-document-at-a-time loop: **{per_core:.2f}x** "
-        f"(same single core, same output bytes: checked).",
-        f"* `reader` is the main process alone (read, decode, shard, pickle): the ceiling for any "
-        f"number of processes, {rows['reader']['MB/s']:.0f} MB/s.",
+        "From the fastest round of each:",
         "",
-        f"Projection for OpenWebText (~40 GB of text, ~9B GPT-2 tokens), at the measured "
-        f"{one['MB/s']:.2f} MB/s per process times {eff:.0%} efficiency, capped by the reader; "
+        f"* 2 processes vs 1: **{speedup:.2f}x** ({rate['prepare N=2']:.2f} vs "
+        f"{rate['prepare N=1']:.2f} MB/s; parallel efficiency {eff:.0%}).",
+        f"* Per core, prepare vs the plain one-document-at-a-time loop: **{per_core:.2f}x** "
+        f"({rate['prepare N=1']:.2f} vs {rate['plain loop']:.2f} MB/s, "
+        f"{tokens / best['prepare N=1']['s']:,.0f} vs {tokens / best['plain loop']['s']:,.0f} "
+        f"tokens/s, one process each).",
+        f"* `reader` is the main process alone (read, decode, shard, pickle): the ceiling for any "
+        f"number of processes, {rate['reader']:.0f} MB/s.",
+        "",
+        f"Projection for OpenWebText (~40 GB of text, ~9B GPT-2 tokens) at {rate['prepare N=1']:.2f} "
+        f"MB/s per process times the measured {eff:.0%} efficiency, capped by the reader, "
         f"downloading not included: **{hms(proj[16])} on 16 cores, {hms(proj[64])} on 64 "
         f"cores**. This assumes GPT-2's BPE runs at SmolLM2's rate (both byte-level BPE of "
-        f"~50K tokens) and web text tokenises like Shakespeare; treat it as an estimate.",
+        f"~50K tokens), web text tokenises like Shakespeare and efficiency holds past 2 "
+        f"processes; an estimate, not a measurement.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

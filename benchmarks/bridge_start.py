@@ -42,9 +42,9 @@ from inheritune.calibrate import calibrate_final_norm
 from inheritune.losses import evaluate_loss
 
 
-def refit(model, ids, cfg: bridge.BridgeConfig) -> dict:
-    """The final-norm refit exactly as build_bridged does it (its first norm_windows windows)."""
-    return calibrate_final_norm(model, torch.as_tensor(ids[: cfg.norm_windows]), cfg.norm_iters)
+def refit(model, ids, windows: int, iters: int) -> dict:
+    """The final-norm refit on the first ``windows`` calibration windows (as build_bridged)."""
+    return calibrate_final_norm(model, torch.as_tensor(ids[:windows]), iters)
 
 
 def with_linear_map(target, reference, ids, depth: int) -> tuple[torch.nn.Module, float]:
@@ -70,29 +70,34 @@ def start_losses(args) -> dict:
     cfg = bridge.BridgeConfig(bridge="block", **args.overrides)
     calib = bridge.calibration_windows(tokens.train, cfg, args.seed)
     val = data.eval_windows(tokens, args.eval_seq_len, args.eval_tokens)
-    k = args.layers
+    k, nw, ni = args.layers, args.norm_windows, args.norm_iters
     rows: dict[str, dict] = {}
 
     def row(name: str, model, cpu: float, **extra) -> None:
         rows[name] = {"val_loss": evaluate_loss(model, val), "cpu_seconds": cpu, **extra}
         print(f"{name:<28} {rows[name]['val_loss']:.3f}  ({cpu:.0f} CPU s)", flush=True)
 
+    def refitted(name: str, model, cpu: float, **extra) -> None:
+        model = copy.deepcopy(model)
+        fit, cpu_fit = timed(lambda: refit(model, calib, nw, ni))
+        row(name, model, cpu + cpu_fit, refit=fit, **extra)
+
     row("reference", ref, 0.0, layers=get_arch(ref).num_layers)
     inherited = surgery.first_layers(ref, k)
     row("inherited", inherited, 0.0, layers=k)
-    normed = copy.deepcopy(inherited)
-    fit, cpu = timed(lambda: refit(normed, calib, cfg))
-    row("norm_refit", normed, cpu, layers=k, calib=fit)
-    (mapped, r2), cpu_map = timed(lambda: with_linear_map(inherited, ref, calib, k))
-    fit, cpu = timed(lambda: refit(mapped, calib, cfg))
-    row("linear_map_refit", mapped, cpu_map + cpu, layers=k, r2_held_out=r2, calib=fit)
+    refitted("norm_refit", inherited, 0.0, layers=k)
+    (mapped, r2), cpu = timed(lambda: with_linear_map(inherited, ref, calib, k))
+    row("linear_map", mapped, cpu, layers=k, r2_held_out=r2)
+    refitted("linear_map_refit", mapped, cpu, layers=k, r2_held_out=r2)
     (model, stats), cpu = timed(lambda: bridge.build_bridged(ref, k, calib, cfg, seed=args.seed))
-    row("bridge_refit", model, cpu, layers=k + 1, stats=stats)
+    row("bridge", model, cpu, layers=k + 1, stats=stats)
+    refitted("bridge_refit", model, cpu, layers=k + 1)
     return {
         "model": args.model,
         "data": args.data,
         "layers": k,
         "bridge_config": dataclasses.asdict(cfg),
+        "refit": {"windows": nw, "iters": ni},
         "eval": {"windows": len(val), "seq_len": args.eval_seq_len, "split": "validation"},
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
@@ -117,19 +122,24 @@ def select(args) -> dict:
             **args.overrides,
         )
         calib = bridge.calibration_windows(train, cfg, args.seed)
+        bare = dataclasses.replace(cfg, norm_iters=0)  # refits are scored separately below
         (model, stats), cpu = timed(
-            lambda cfg=cfg, calib=calib: bridge.build_bridged(ref, args.layers, calib, cfg)
+            lambda bare=bare, calib=calib: bridge.build_bridged(ref, args.layers, calib, bare)
         )
         res = {
             "init": init,
             "lr": lr,
             "steps": steps,
             "batch": batch,
-            "held_train_loss": evaluate_loss(model, held),
+            "held_train_loss": {"no_refit": evaluate_loss(model, held)},
             "fit_loss_after": stats["fit_loss_after"],
             "linear_map_fit_loss": stats["linear_map_fit_loss"],
             "cpu_seconds": cpu,
         }
+        for windows in args.refit_windows:
+            normed = copy.deepcopy(model)
+            refit(normed, calib, windows, args.norm_iters)
+            res["held_train_loss"][f"refit_{windows}"] = evaluate_loss(normed, held)
         results.append(res)
         print(json.dumps(res), flush=True)
     return {"selection_windows": len(held), "select_tokens": args.select_tokens, "grid": results}
@@ -144,6 +154,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--norm-windows", type=int, default=16, help="windows of the refit rows")
+    p.add_argument("--norm-iters", type=int, default=20, help="L-BFGS iterations of the refits")
     p.add_argument(
         "--set",
         nargs="*",
@@ -157,6 +169,7 @@ def main() -> None:
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
     p.add_argument("--steps", nargs="+", type=int, default=[300])
     p.add_argument("--batches", nargs="+", type=int, default=[8])
+    p.add_argument("--refit-windows", nargs="*", type=int, default=[4])
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     types = {f.name: f.type for f in dataclasses.fields(bridge.BridgeConfig)}

@@ -451,9 +451,8 @@ def build_bridged(
         gain=gain,
         seed=seed,
     )
-    norm = calibrate_final_norm(
-        model, ids[: min(cfg.norm_windows, len(ids) - hold)], cfg.norm_iters
-    )
+    norm_ids = ids[: min(cfg.norm_windows, len(ids) - hold)]
+    norm = calibrate_final_norm(model, norm_ids, cfg.norm_iters) if cfg.norm_iters else None
     stats = {
         "bridge": cfg.bridge,
         "bridge_init": cfg.bridge_init,
@@ -472,8 +471,10 @@ def build_bridged(
         "steps": cfg.bridge_steps,
         "lr": cfg.bridge_lr,
         "batch_windows": cfg.bridge_batch,
-        "final_norm": {
-            "windows": min(cfg.norm_windows, len(ids) - hold),
+        "final_norm": None
+        if norm is None
+        else {
+            "windows": len(norm_ids),
             "iters": cfg.norm_iters,
             "calib_loss_before": norm["before"],
             "calib_loss_after": norm["after"],

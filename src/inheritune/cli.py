@@ -74,6 +74,7 @@ USER_ERRORS = (
     ("inheritune.assets", "AssetError"),
     ("inheritune.checkpoint", "CheckpointError"),
     ("inheritune.train", "TrainingError"),
+    ("inheritune.distributed", "PeerError"),
 )
 
 

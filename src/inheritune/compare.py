@@ -151,7 +151,20 @@ class CompareConfig:
         there is something to resume (finished variants are cached)."""
         resume = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out))) if out else False
         alpha = self.kd_alpha if distill else 0.0
-        return replace(self.train, out=str(out), steps=steps, resume=resume, distill_alpha=alpha)
+        # one TensorBoard run per variant stage: <dir>/<variant>-<stage>
+        tb = (
+            self.train.tensorboard
+            and out
+            and str(Path(self.train.tensorboard) / f"{Path(out).parent.name}-{Path(out).name}")
+        )
+        return replace(
+            self.train,
+            out=str(out),
+            steps=steps,
+            resume=resume,
+            distill_alpha=alpha,
+            tensorboard=tb or None,
+        )
 
     def selected(self) -> list[str]:
         return list(self.variants) if self.variants is not None else list(VARIANTS)
@@ -177,7 +190,7 @@ def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
     """Everything that shapes one variant's result; a cached result must match it exactly."""
     v = VARIANTS[name]
     train = to_dict(cfg.train_config("", cfg.train.steps, v.distill))
-    for key in ("out", "resume"):
+    for key in ("out", "resume", "dist_timeout", "tensorboard"):  # no effect on the result
         train.pop(key, None)
     spec: dict[str, Any] = {"variant": name, "depth": depth, "train": train}
     if v.score:

@@ -80,6 +80,8 @@ RESUMABLE_CHANGES = frozenset(
         "save_every",
         "keep_last",
         "log_every",
+        "dist_timeout",
+        "tensorboard",
     }
 )
 
@@ -243,7 +245,10 @@ class RecipeConfig:
         An interrupted round continues from its own checkpoints; a new one starts fresh.
         """
         resume = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out)))
-        return replace(self.train, model=model or self.train.model, out=str(out), resume=resume)
+        tb = self.train.tensorboard and str(Path(self.train.tensorboard) / Path(out).name)
+        return replace(
+            self.train, model=model or self.train.model, out=str(out), resume=resume, tensorboard=tb
+        )
 
     def analyze_config(self, out: Path) -> analyze_mod.AnalyzeConfig:
         return analyze_mod.AnalyzeConfig(
@@ -637,7 +642,7 @@ def _final_model(job: _Job, last: dict[str, Any]) -> tuple[Path, dict[str, Any]]
 def run(cfg: RecipeConfig) -> RecipeResult:
     """The ``inheritune run`` command: Algorithm 1, resumable, with a report at the end."""
     t_start = time.perf_counter()
-    out, env = Path(cfg.train.out), distributed.setup()
+    out, env = Path(cfg.train.out), distributed.setup(cfg.train.dist_timeout)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     state = RunState.open(out, cfg, write=env.is_main)
@@ -651,6 +656,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         device="auto",
         trust_remote_code=cfg.train.trust_remote_code,
         seq_lens=seq_lens,
+        dist_timeout=cfg.train.dist_timeout,
     )
     if cfg.init_depth.isdigit():  # refused before --out is written (analysis needs none)
         choose_init_depth(cfg.init_depth, int(loaded.config.num_hidden_layers), None)

@@ -601,7 +601,7 @@ def _start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> _Run:
             tensorboard=cfg.tensorboard,
         ),
         bar=tqdm(
-            total=cfg.steps,
+            total=None if cfg.time_budget > 0 else cfg.steps,  # a time budget: a step count
             initial=min(step, cfg.steps),
             desc=desc or f"train {out.name}",
             disable=not env.is_main,
