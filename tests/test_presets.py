@@ -45,7 +45,7 @@ TINY_OVERRIDES = {
 }
 # Paper §4 training settings shared by the GPT-2 presets.
 PAPER = {
-    "data": "hf:Skylion007/openwebtext",
+    "data": "hf:Skylion007/openwebtext@refs/convert/parquet",
     "seq_len": 1024,
     "warmup": 2000,
     "min_lr": 1e-5,
