@@ -477,3 +477,19 @@ def test_calibration_runs_before_each_round_and_helps_on_held_out_windows(
         assert "calibration" in r
         unrefit = losses.evaluate_loss(surgery.first_layers(ref, r["layers"]), windows, 4)
         assert r["evals"][0]["val_loss"] < unrefit - 0.05
+
+
+def test_bridge_block_rounds(tiny_run):
+    """--bridge block: each round trains the first l layers + one fitted block (l + 1 layers);
+    the fit is recorded and the final model is a plain HF folder of the reference's class."""
+    cfg = tiny_run(bridge="block", bridge_steps=5, calib_tokens=128, calib_seq_len=16)
+    res = recipe.run(cfg)
+    rounds = res.report["rounds"]
+    assert [(r["depth"], r["layers"]) for r in rounds] == [(2, 3), (4, 5)]
+    for r in rounds:
+        assert r["bridge"]["kept_layers"] == r["depth"]
+        assert {"fit_loss_before", "fit_loss_after", "linear_map_r2"} <= set(r["bridge"])
+    final = models.load_model(str(res.final_model))
+    assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_hidden_layers == 5
+    with pytest.raises(ConfigError, match="--growth reinit"):
+        tiny_run(bridge="block", growth="warm")

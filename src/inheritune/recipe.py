@@ -41,9 +41,10 @@ from typing import Any
 import torch
 
 from inheritune import analyze as analyze_mod
+from inheritune import bridge, data, distributed, inputs, losses, models, surgery
 from inheritune import checkpoint as ckpt
-from inheritune import data, distributed, inputs, losses, models, surgery
 from inheritune.arch import get_arch
+from inheritune.bridge import BridgeConfig
 from inheritune.calibrate import calibrate_final_norm
 from inheritune.config import (
     ConfigError,
@@ -172,6 +173,10 @@ class RecipeConfig:
     calibrate_windows: int = field(
         default=4, metadata=_h("training windows of --seq-len tokens used by the calibration")
     )
+    bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
+    # ^ --bridge block: every round's target gets one extra fitted block on top of its l
+    # inherited ones (a standard l+1-layer checkpoint; inheritune.bridge); its final norm is
+    # refitted by the bridge (--norm-iters), so --calibrate-iters is for --bridge none.
 
     # -- step 5: the comparison
     target: str = field(
@@ -216,6 +221,8 @@ class RecipeConfig:
                 raise ConfigError(
                     f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
+        if self.bridging.bridge != "none" and self.growth == "warm":
+            raise ConfigError("--bridge block needs --growth reinit (a trained bridge cannot grow)")
         if self.parts not in surgery.PARTS:
             raise ConfigError(
                 f"--parts must be one of {', '.join(surgery.PARTS)}, got {self.parts!r}"
@@ -562,23 +569,51 @@ def _build_round_model(job: _Job, depth: int):
     return surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
 
 
+def _bridged_round_model(job: _Job, depth: int, rdir: Path) -> tuple[Any, dict[str, Any]]:
+    """``--bridge block``: the reference's first ``depth`` blocks + a fitted bridge block.
+
+    The fit is recorded in ``rdir/bridge.json``; a round resumed from its checkpoints gets the
+    architecture only (its weights come from the checkpoint)."""
+    cfg, record = job.cfg.bridging, rdir / "bridge.json"
+    seed = job.cfg.train.seed
+    if (rdir / "checkpoints").exists() and record.is_file():
+        model = bridge.add_bridge_block(job.reference, depth, cfg.bridge_init, seed=seed)
+        return model, json.loads(record.read_text())
+    ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
+    model, stats = bridge.build_bridged(job.reference, depth, ids, cfg, seed=seed)
+    if job.env.is_main:
+        ckpt.atomic_write_json(record, stats)
+    _log(
+        f"bridge block on {depth} layers: fit loss {stats['fit_loss_before']:.4f} -> "
+        f"{stats['fit_loss_after']:.4f} ({stats['wall_seconds']:.0f} s)"
+    )
+    return model, stats
+
+
 def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict[str, Any]:
     """Steps 3-5 for one depth: build, (calibrate), train, compare; recorded in the run state."""
     cfg = job.cfg
     _log(f"round {round_no}: {depth} layers, {cfg.train.steps} steps ({cfg.growth})")
-    model = _build_round_model(job, depth)
     rdir = _round_dir(job.out, round_no, depth)
+    bridged = None
+    if cfg.bridging.bridge == "block":
+        model, bridged = _bridged_round_model(job, depth, rdir)
+    else:
+        model = _build_round_model(job, depth)
     calibration = None
-    if cfg.calibrate_iters > 0 and not (rdir / "checkpoints").exists():
+    if cfg.calibrate_iters > 0 and bridged is None and not (rdir / "checkpoints").exists():
         calibration = _calibrate(job, model, round_no)
     params = models.count_parameters(model)  # before training: FSDP shards in place
     teacher = job.reference if cfg.train.distill_alpha > 0 else None
-    desc = f"round {round_no} ({depth} layers)"
+    layers = get_arch(model).num_layers
+    desc = f"round {round_no} ({layers} layers)"
     result = _train(job, model, cfg.round_train_config(rdir), teacher, desc)
-    done = {"round": round_no, "layers": depth, "parameters": params}
+    done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
     done.update(_eval_record(result, job.out))
     if calibration is not None:
         done["calibration"] = calibration
+    if bridged is not None:
+        done["bridge"] = bridged
     done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
     job.state.rounds.append(done)
     job.state.save()
@@ -593,7 +628,7 @@ def _rounds(job: _Job, init: int, max_depth: int, target_loss: float) -> tuple[l
     while depth is not None:
         round_no += 1
         done = job.state.rounds[round_no - 1] if round_no <= len(job.state.rounds) else None
-        if done is not None and done["layers"] != depth:
+        if done is not None and done.get("depth", done["layers"]) != depth:
             raise ConfigError(
                 f"--out {out}: finished round {round_no} has {done['layers']} layers but this "
                 f"schedule asks for {depth}; use the same depth settings or another --out"
