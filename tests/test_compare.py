@@ -384,3 +384,19 @@ def test_angular_tokens_and_mergekit_export(tiny_folder, corpus_file, tmp_path):
     assert not np.allclose(every, last)
     with pytest.raises(ConfigError, match="--angular-tokens must be one of last, all"):
         make_cfg(folder, corpus_file, tmp_path, angular_tokens="first")
+
+
+def test_bridge_block_inheritune_variant(tiny_folder, corpus_file, tmp_path):
+    """--bridge block: the inheritune variant is l-1 inherited layers + one fitted block, still
+    l layers, and the table says so."""
+    folder = tiny_folder("llama", layers=4)
+    cfg = make_cfg(
+        folder, corpus_file, tmp_path / "b", variants=["inheritune"], depth=3,
+        bridge="block", bridge_steps=3, calib_tokens=64,
+    )  # fmt: skip
+    row = compare(cfg).rows[0]
+    assert row["layers"] == 3 and row["init"]["layers_from"] == [0, 1]
+    assert row["bridge"]["kept_layers"] == 2
+    assert "+ bridge block" in (tmp_path / "b" / "compare.md").read_text()
+    final = models.load_model(str(tmp_path / "b" / "inheritune" / "train" / "final"))
+    assert final.config.num_hidden_layers == 3

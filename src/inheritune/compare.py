@@ -36,8 +36,8 @@ from typing import Any
 
 from torch import nn
 
+from inheritune import bridge, distributed, inputs, mergekit, models, plots, scoring, surgery
 from inheritune import checkpoint as ckpt
-from inheritune import distributed, inputs, mergekit, models, plots, scoring, surgery
 from inheritune.baselines import (
     VARIANTS,
     Variant,
@@ -49,6 +49,7 @@ from inheritune.baselines import (
     layer_scores,
     unbuildable_reason,
 )
+from inheritune.bridge import BridgeConfig
 from inheritune.config import (
     ConfigError,
     check_unit_interval,
@@ -103,9 +104,10 @@ class CompareConfig:
             "min": 1,
         },
     )
-    calib_seq_len: int = field(
-        default=128, metadata={"help": "tokens per calibration window", "min": 1}
-    )
+    bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
+    # ^ --bridge block: the inheritune variant becomes the reference's first l-1 layers + one
+    # fitted bridge block (still l layers; inheritune.bridge). --calib-seq-len is shared: the
+    # pruning scores' calibration windows have the same length.
     angular_tokens: str = field(
         default="last",
         metadata={
@@ -166,6 +168,11 @@ class CompareConfig:
             tensorboard=tb or None,
         )
 
+    @property
+    def calib_seq_len(self) -> int:
+        """Tokens per calibration window (the bridge's and the pruning scores')."""
+        return self.bridging.calib_seq_len
+
     def selected(self) -> list[str]:
         return list(self.variants) if self.variants is not None else list(VARIANTS)
 
@@ -195,6 +202,8 @@ def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
     spec: dict[str, Any] = {"variant": name, "depth": depth, "train": train}
     if v.score:
         spec["calibration"] = {"windows": cfg.calib_windows, "seq_len": cfg.calib_seq_len}
+    if name == "inheritune" and cfg.bridging.bridge != "none":
+        spec["bridge"] = to_dict(cfg.bridging)
     if v.score == "angular_distance":
         spec["calibration"]["angular_tokens"] = cfg.angular_tokens
     return ckpt.canonical(spec)
@@ -313,6 +322,16 @@ def run_variant(ctx: _Context, name: str, spec: dict[str, Any]) -> dict[str, Any
         evals = s1["evals"] + [{**e, "tokens": e["tokens"] + offset} for e in s2["evals"]]
         stages = [s1, s2]
         extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
+    elif name == "inheritune" and cfg.bridging.bridge == "block":
+        ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
+        model, fit = bridge.build_bridged(
+            ctx.reference, ctx.depth - 1, ids, cfg.bridging, seed=cfg.train.seed
+        )
+        info = {"layers_from": list(range(ctx.depth - 1)), "depth": ctx.depth, "bridge": fit}
+        extra["bridge"] = fit
+        params = models.count_parameters(model)
+        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
+        evals, stages = s["evals"], [s]
     else:
         model, info = build_initial(ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores)
         params = models.count_parameters(model)
@@ -481,6 +500,8 @@ def _export_mergekit(cfg: CompareConfig, source: str, config, rows: list[dict]) 
         init = r["init"]
         if init.get("width"):
             not_exported[r["variant"]] = "half width: sliced weights, not whole layers"
+        elif "bridge" in init:
+            not_exported[r["variant"]] = "bridge block: fitted weights, not a reference layer"
         elif init.get("layers_from") is None:
             not_exported[r["variant"]] = "random init: no reference layers"
         else:
@@ -554,4 +575,5 @@ def _init_text(row: dict[str, Any]) -> str:
     if init.get("width") == "half":
         return "sliced"
     src = init.get("layers_from")
-    return "random" if src is None else f"layers {layer_ranges(src)}"
+    bridged = " + bridge block" if "bridge" in init else ""
+    return "random" if src is None else f"layers {layer_ranges(src)}{bridged}"
