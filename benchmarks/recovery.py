@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from inheritune import assets, data, inputs, losses, surgery
+from inheritune.bridge import BridgeConfig, build_bridged, calibration_windows
 from inheritune.calibrate import calibrate_final_norm
 from inheritune.config import (
     ConfigError,
@@ -85,6 +86,7 @@ RESULTS = Path(__file__).parent / "results" / "recovery-v2.jsonl"
 VERSION = 2
 OWNED = ("out", "steps", "time_budget", "resume", "teacher")  # the driver sets these itself
 NO_STEP_LIMIT = 10**9  # the time budget is what stops a run
+SEL_SEED = 1234  # the fixed training-split windows that choose between levers
 
 BASE: dict[str, Any] = {
     # the plain loop measured first: lr 3e-4 cosine to 3e-5, everything trainable, 8 x 256
@@ -116,6 +118,9 @@ class Experiment:
     calibrate_iters: int = 0  # L-BFGS iterations fitting the final norm first (0 = off)
     calibrate_windows: int = 4  # training windows of seq_len + 1 tokens it fits on
     reference: bool = False  # evaluate the reference itself: no inheritance, no training
+    # one extra decoder block fitted on the TRAINING split (inheritune.bridge, BridgeConfig
+    # defaults); its fit time is charged to the budget like the calibration's
+    bridge: bool = False
     note: str = ""
 
     def with_train(self, note: str = "", **changes: Any) -> Experiment:
@@ -153,6 +158,15 @@ EXPERIMENTS: dict[str, Experiment] = {
     "rec_top4_distill": REC.with_train(
         train_top=4, distill_alpha=0.5, note="KD with the frozen bottom shared with the teacher"
     ),
+    # Study v2 (issue #10): the demo preset's recipe, each lever alone, and their combination
+    "demo": replace(REC, note="the demo preset: calibrate 10, embed frozen, lr 1e-3 cosine"),
+    "+bridge": replace(REC, bridge=True, calibrate_iters=0, note="bridge block instead of calib"),
+    "+top": REC.with_train(train_top=6, note="only the top 6 blocks (and the norm) train"),
+    "+linear": REC.with_train(schedule="linear", min_lr=0.0, note="linear decay to 0"),
+    "+lr6e-4": REC.with_train(lr=6e-4, min_lr=6e-5, note="1/5 of SmolLM2's pretraining peak"),
+    "+kd": REC.with_train(
+        train_top=6, distill_alpha=0.5, note="KD from the reference, bottom shared, charged"
+    ),
 }
 
 
@@ -161,16 +175,27 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 def build(
     reference: nn.Module, exp: Experiment, tokens: data.Tokens, cfg: TrainConfig
-) -> tuple[nn.Module, dict[str, float] | None]:
-    """The starting model: the reference's first K blocks, its final norm fitted if asked (on
-    training windows chosen as the recipe chooses them)."""
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The starting model: the reference's first K blocks (plus a bridge block fitted on
+    training windows if asked), its final norm fitted if asked (on training windows chosen as
+    the recipe chooses them). Also returns what the setup did, with its wall ``seconds``."""
     device = next(reference.parameters()).device
-    model = surgery.first_layers(reference, exp.layers, seed=cfg.seed).to(device)
-    if exp.calibrate_iters <= 0:
-        return model, None
-    ids = data.sample_windows(tokens.train, exp.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7)
-    calib = calibrate_final_norm(model, torch.from_numpy(ids).to(device), exp.calibrate_iters)
-    return model, calib
+    setup: dict[str, Any] = {"calibration": None, "bridge": None, "seconds": 0.0}
+    if exp.bridge:
+        bcfg = BridgeConfig(bridge="block")
+        ids = calibration_windows(tokens.train, bcfg, seed=cfg.seed)
+        model, stats = build_bridged(reference, exp.layers, ids, bcfg, seed=cfg.seed)
+        model = model.to(device)
+        setup.update(bridge=stats, seconds=stats["wall_seconds"])
+    else:
+        model = surgery.first_layers(reference, exp.layers, seed=cfg.seed).to(device)
+    if exp.calibrate_iters > 0:
+        ids = data.sample_windows(
+            tokens.train, exp.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7
+        )
+        calib = calibrate_final_norm(model, torch.from_numpy(ids).to(device), exp.calibrate_iters)
+        setup.update(calibration=calib, seconds=setup["seconds"] + calib["seconds"])
+    return model, setup
 
 
 def read_log(path: Path, tokens_per_step: int) -> tuple[list[float], dict[int, float], list]:
@@ -192,6 +217,17 @@ def read_log(path: Path, tokens_per_step: int) -> tuple[list[float], dict[int, f
     return step_s, spent, evals
 
 
+def tail_train_loss(path: Path, fraction: float = 0.1) -> float | None:
+    """Mean logged training loss over the last ``fraction`` of the steps (log.jsonl)."""
+    train = [json.loads(line) for line in path.read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    if not train:
+        return None
+    first = train[-1]["step"] * (1.0 - fraction)
+    tail = [r["loss"] for r in train if r["step"] > first] or [train[-1]["loss"]]
+    return float(statistics.fmean(tail))
+
+
 def run(
     name: str, exp: Experiment, seconds: float, overrides: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -209,6 +245,10 @@ def run(
         cfg.data: data.eval_windows(tokens, args.eval_seq, n_tokens),
         args.general: data.eval_windows(general, args.eval_seq, n_tokens),
     }
+
+    # fixed TRAINING-split windows (seeded, the same in every run): a lever or combination is
+    # chosen on these, never on the validation windows above
+    selection = data.sample_windows(tokens.train, args.eval_windows, args.eval_seq + 1, SEL_SEED)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         return {k: losses.evaluate_loss(model, w) for k, w in windows.items()}
@@ -233,11 +273,13 @@ def run(
         rec["wall_s"] = time.perf_counter() - t_wall
         return rec
 
-    model, calib = build(reference, exp, tokens, cfg)
-    rec["calibration"] = calib
+    model, setup = build(reference, exp, tokens, cfg)
+    rec["calibration"], rec["bridge"] = setup["calibration"], setup["bridge"]
+    rec["setup_s"] = setup["seconds"]
     rec["start"] = evaluate(model)
-    print(f"[{name}] K={exp.layers} start {fmt(rec['start'])} calibration {calib}", flush=True)
-    budget = seconds - (calib["seconds"] if calib else 0.0)
+    rec["start_train_windows"] = losses.evaluate_loss(model, selection)
+    print(f"[{name}] K={exp.layers} start {fmt(rec['start'])} setup {setup}", flush=True)
+    budget = seconds - setup["seconds"]
     teacher = reference if cfg.distill_alpha > 0 else None
     del reference
     rec.update(steps=0, tokens=0, train_s=0.0, curve=[])
@@ -247,12 +289,15 @@ def run(
             result = train_model(model, tok, tokens, tcfg, teacher=teacher, desc=name)
             per_step = cfg.batch_size * cfg.seq_len
             step_s, spent, evals = read_log(Path(out) / "log.jsonl", per_step)
+            train_tail = tail_train_loss(Path(out) / "log.jsonl")
         mean = (result.tokens / result.tokens_per_s) / max(result.steps, 1)
         rec.update(
             steps=result.steps,
             tokens=result.tokens,
             train_s=result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0,
             tokens_per_s=result.tokens_per_s,
+            # the loop's logged loss over the last 10% of steps (includes the KD term if any)
+            train_loss_tail=train_tail,
             step_s_median=statistics.median(step_s) if step_s else mean,
             step_s_p10=float(np.percentile(step_s, 10)) if step_s else mean,
             # the loop's evaluations on its own --seq-len windows of the training corpus
@@ -267,6 +312,7 @@ def run(
             ],
         )
     rec["final"] = evaluate(model)
+    rec["final_train_windows"] = losses.evaluate_loss(model, selection)
     rec["wall_s"] = time.perf_counter() - t_wall
     print(f"[{name}] {rec['steps']} steps, {rec['train_s']:.0f} s: final {fmt(rec['final'])}")
     return rec

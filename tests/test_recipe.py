@@ -482,7 +482,9 @@ def test_calibration_runs_before_each_round_and_helps_on_held_out_windows(
 def test_bridge_block_rounds(tiny_run):
     """--bridge block: each round trains the first l layers + one fitted block (l + 1 layers);
     the fit is recorded and the final model is a plain HF folder of the reference's class."""
-    cfg = tiny_run(bridge="block", bridge_steps=5, calib_tokens=128, calib_seq_len=16)
+    cfg = tiny_run(
+        bridge="block", bridge_steps=5, calib_tokens=128, calib_seq_len=16, extra_eval=None
+    )
     res = recipe.run(cfg)
     rounds = res.report["rounds"]
     assert [(r["depth"], r["layers"]) for r in rounds] == [(2, 3), (4, 5)]
@@ -491,5 +493,29 @@ def test_bridge_block_rounds(tiny_run):
         assert {"fit_loss_before", "fit_loss_after", "linear_map_r2"} <= set(r["bridge"])
     final = models.load_model(str(res.final_model))
     assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_hidden_layers == 5
+    md = res.report_md.read_text()
+    assert "## The bridge block" in md and "## Time per phase" in md
+    assert "round 2: build + bridge fit" in md
     with pytest.raises(ConfigError, match="--growth reinit"):
         tiny_run(bridge="block", growth="warm")
+
+
+def test_extra_eval_reports_a_second_held_out_set(tiny_run, tmp_path, tokenizer):
+    """--extra-eval: the reference and each round (start and end) on a second, wholly held-out
+    corpus; the numbers equal an independent evaluation."""
+    other = tmp_path / "other.txt"
+    other.write_text("A quite different text about ships, storms and the sea.\n" * 60)
+    res = recipe.run(tiny_run(extra_eval=str(other), min_rounds=1, max_rounds=1))
+    rep = res.report
+    tokens = data.load_tokens(str(other), tokenizer, val_fraction=1.0)
+    cfg = tiny_run()
+    windows = data.eval_windows(tokens, cfg.train.seq_len, cfg.train.eval_tokens)
+    ref = models.load_model(cfg.train.model)
+    want = losses.evaluate_loss(ref, windows, cfg.train.micro_batch())
+    assert rep["reference"]["extra_val_loss"] == pytest.approx(want, abs=1e-5)
+    end = models.load_model(str(res.out / rep["rounds"][0]["model_dir"]))
+    got = rep["rounds"][0]["extra_val_loss"]["end"]
+    assert got == pytest.approx(
+        losses.evaluate_loss(end, windows, cfg.train.micro_batch()), abs=1e-5
+    )
+    assert "other.txt (held out)" in res.report_md.read_text()

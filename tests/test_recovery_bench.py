@@ -86,3 +86,27 @@ def test_distillation_gets_the_reference_as_teacher(bench, argv):
     rec = json.loads(results.read_text())
     assert rec["train"]["distill_alpha"] == 0.5 and rec["train"]["train_top"] == 1
     assert rec["steps"] > 0 and all(math.isfinite(v) for v in rec["final"].values())
+
+
+def test_bridge_knob_builds_a_bridged_start_and_charges_its_fit(bench, argv):
+    results, args = argv
+    assert bench.main([*args, "--exp", "+bridge", "--seconds", "8"]) == 0
+    rec = json.loads(results.read_text())
+    assert rec["knobs"]["bridge"] is True and rec["calibration"] is None
+    stats = rec["bridge"]
+    assert stats["kept_layers"] == 2 and stats["layers"] == 3  # one block on top of the 2
+    assert stats["fit_loss_after"] < stats["fit_loss_before"]
+    # the bridge's fit is taken out of the training budget, as the calibration is
+    assert rec["setup_s"] == stats["wall_seconds"] > 0
+    assert rec["train_s"] <= 8 - rec["setup_s"] + 2.0
+    # the selection criteria: fixed training-split windows and the logged loss's last 10%
+    assert math.isfinite(rec["start_train_windows"]) and math.isfinite(rec["final_train_windows"])
+    assert rec["steps"] == 0 or math.isfinite(rec["train_loss_tail"])
+
+
+def test_tail_train_loss_averages_the_last_tenth_of_the_steps(bench, tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [{"kind": "train", "step": s, "loss": float(s)} for s in range(1, 21)]
+    lines.insert(5, {"kind": "eval", "step": 5, "val_loss": 99.0})
+    log.write_text("\n".join(json.dumps(r) for r in lines))
+    assert bench.tail_train_loss(log) == pytest.approx((19 + 20) / 2)  # steps > 18

@@ -45,8 +45,14 @@ def resolve_device(arg: str = "auto") -> torch.device:
         raise ConfigError(f"{flag('device')} {arg!r} is not a device ({e})") from e
 
 
-def load_tokens(data_arg: str, tokenizer, env: distributed.DistEnv | None = None) -> data.Tokens:
-    """The token folder of ``data_arg``, tokenised by one process when it is not cached yet.
+def load_tokens(
+    data_arg: str,
+    tokenizer,
+    env: distributed.DistEnv | None = None,
+    val_fraction: float = data.VAL_FRACTION,
+) -> data.Tokens:
+    """The token folder of ``data_arg``, tokenised by one process when it is not cached yet
+    (``val_fraction`` 1.0: the whole corpus is a validation set).
 
     The others wait (up to ``--dist-timeout``) for the folder's ``meta.json``, which
     :func:`inheritune.prepare.prepare_tokens` writes last, then open the same folder.
@@ -54,16 +60,16 @@ def load_tokens(data_arg: str, tokenizer, env: distributed.DistEnv | None = None
     env = env or distributed.setup()
     source = data.resolve_data(data_arg)  # a default corpus is prepared by one process too
     if source.kind == "tokens":
-        return data.load_tokens(source, tokenizer)
+        return data.load_tokens(source, tokenizer, val_fraction)
     folder = data.token_cache_folder(source, tokenizer)
     tokens = distributed.run_once(
         folder / data.META_FILE,
-        lambda: data.load_tokens(source, tokenizer),
+        lambda: data.load_tokens(source, tokenizer, val_fraction),
         env,
         what=f"the tokens of {data_arg} in {folder}",
         error_dir=folder.parent,  # outside the folder prepare builds
     )
-    return tokens if tokens is not None else data.load_tokens(source, tokenizer)
+    return tokens if tokens is not None else data.load_tokens(source, tokenizer, val_fraction)
 
 
 def load(

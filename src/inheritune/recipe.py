@@ -189,6 +189,14 @@ class RecipeConfig:
             "choices": TARGETS,
         },
     )
+    extra_eval: str | None = field(
+        default=None,
+        metadata=_h(
+            "a second corpus, all of it held out (e.g. botchan, general English): the reference "
+            "and every round are also evaluated on it, so that domain adaptation to --data and "
+            "real recovery can be told apart"
+        ),
+    )
     tolerance: float = field(
         default=0.0,
         metadata=_h("a round matches when its val loss <= target loss + tolerance (nats/token)"),
@@ -456,6 +464,16 @@ class _Job:
     tokenizer: Any
     tokens: data.Tokens
     windows: Any  # the fixed validation windows of every round and the reference
+    extra_windows: Any = None  # --extra-eval's windows (same length and count), if any
+
+    def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
+        """Mean loss on ``windows`` with the rounds' own micro-batch and precision."""
+        t = self.cfg.train
+        with distributed.autocast(t.precision, self.env.device):
+            return float(losses.evaluate_loss(model, windows, t.micro_batch()))
+
+    def extra_loss(self, model: torch.nn.Module) -> float | None:
+        return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
 
     @property
     def num_layers(self) -> int:
@@ -496,14 +514,15 @@ def _reference_step(job: _Job) -> tuple[float, str]:
         _log(
             f"reference validation loss on {len(job.windows)} windows x {cfg.train.seq_len} tokens"
         )
-        # Same windows, micro-batch and precision as the rounds' own evaluations.
-        with distributed.autocast(cfg.train.precision, job.env.device):
-            loss = losses.evaluate_loss(job.reference, job.windows, cfg.train.micro_batch())
+        t0 = time.perf_counter()
+        loss = job.evaluate(job.reference, job.windows)  # the rounds' own windows and batch
         state.reference = {
             "layers": job.num_layers,
             "parameters": models.count_parameters(job.reference),
             "val_loss": float(loss),
             "val_ppl": _ppl(loss),
+            "extra_val_loss": job.extra_loss(job.reference),
+            "seconds": time.perf_counter() - t0,
         }
         state.save()
     if cfg.target == "reference":
@@ -595,7 +614,7 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
     cfg = job.cfg
     _log(f"round {round_no}: {depth} layers, {cfg.train.steps} steps ({cfg.growth})")
     rdir = _round_dir(job.out, round_no, depth)
-    bridged = None
+    bridged, t_build = None, time.perf_counter()
     if cfg.bridging.bridge == "block":
         model, bridged = _bridged_round_model(job, depth, rdir)
     else:
@@ -604,16 +623,24 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
     if cfg.calibrate_iters > 0 and bridged is None and not (rdir / "checkpoints").exists():
         calibration = _calibrate(job, model, round_no)
     params = models.count_parameters(model)  # before training: FSDP shards in place
+    build_s = time.perf_counter() - t_build
+    extra_start = job.extra_loss(model)
     teacher = job.reference if cfg.train.distill_alpha > 0 else None
     layers = get_arch(model).num_layers
     desc = f"round {round_no} ({layers} layers)"
     result = _train(job, model, cfg.round_train_config(rdir), teacher, desc)
     done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
     done.update(_eval_record(result, job.out))
+    done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
+    if job.extra_windows is not None:
+        trained = models.load_model(str(result.final_dir)).to(job.env.device)
+        done["extra_val_loss"] = {"start": extra_start, "end": job.extra_loss(trained)}
     if calibration is not None:
         done["calibration"] = calibration
     if bridged is not None:
-        done["bridge"] = bridged
+        # the bridge's effect: the same l inherited layers without it, on the same windows
+        plain = surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+        done["bridge"] = {**bridged, "val_loss_without_bridge": job.evaluate(plain, job.windows)}
     done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
     job.state.rounds.append(done)
     job.state.save()
@@ -657,6 +684,7 @@ def _final_model(job: _Job, last: dict[str, Any]) -> tuple[Path, dict[str, Any]]
     _log(f"timing inference: batch {cfg.speed_batch_size} x {speed_len} tokens")
     kw = {"warmup": cfg.speed_warmup, "iters": cfg.speed_iters, "seed": cfg.train.seed}
     pair = {"target": final.to(job.env.device), "reference": job.reference}
+    t0 = time.perf_counter()
     speeds = measure_speeds(pair, cfg.speed_batch_size, speed_len, **kw)
     speed = {
         "device": str(job.env.device),
@@ -667,6 +695,7 @@ def _final_model(job: _Job, last: dict[str, Any]) -> tuple[Path, dict[str, Any]]
         "target_tokens_per_s": speeds["target"]["tokens_per_s"],
         "reference_tokens_per_s": speeds["reference"]["tokens_per_s"],
         "speedup": speeds["target"]["tokens_per_s"] / speeds["reference"]["tokens_per_s"],
+        "seconds": time.perf_counter() - t0,
     }
     return final_dir, speed
 
@@ -701,6 +730,9 @@ def run(cfg: RecipeConfig) -> RecipeResult:
     distributed.barrier(env)
     windows = data.eval_windows(loaded.tokens, cfg.train.seq_len, cfg.train.eval_tokens)
     job = _Job(cfg, out, state, env, loaded.model, loaded.tokenizer, loaded.tokens, windows)
+    if cfg.extra_eval:
+        extra = inputs.load_tokens(cfg.extra_eval, loaded.tokenizer, val_fraction=1.0)
+        job.extra_windows = data.eval_windows(extra, cfg.train.seq_len, cfg.train.eval_tokens)
 
     _analysis_step(job)
     init = choose_init_depth(cfg.init_depth, job.num_layers, state.analysis)
@@ -715,7 +747,12 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         state={"reference": state.reference, "trained_reference": state.trained_reference},
         analysis=state.analysis,
         rounds=rounds,
-        target={"kind": cfg.target, "label": target_label, "val_loss": target_loss},
+        target={
+            "kind": cfg.target,
+            "label": target_label,
+            "val_loss": target_loss,
+            "extra_eval": cfg.extra_eval,
+        },
         depths={"init_mode": cfg.init_depth, "init": init, "max": max_depth},
         eval_windows=len(windows),
         final={"stop_reason": stop_reason, "model_dir": _rel(final_dir, out), "speed": speed},

@@ -193,9 +193,41 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     )
 
 
+def _extra(r: dict[str, Any]) -> str:
+    e = r.get("extra_val_loss") or {}
+    return f"{_fmt(e.get('start'))} -> {_fmt(e.get('end'))}" if e else "-"
+
+
+def _phase_times(report: dict[str, Any]) -> list[str]:
+    """Where the wall time of the run went, phase by phase."""
+    rows = []
+    if report.get("analysis") and report["analysis"].get("seconds") is not None:
+        rows.append(("analysis of the reference", report["analysis"]["seconds"]))
+    if report["reference"].get("seconds") is not None:
+        rows.append(("reference evaluation", report["reference"]["seconds"]))
+    trained = report["reference"].get("trained")
+    if trained:
+        rows.append(("training the reference (target)", trained["wall_s"]))
+    for r in report["rounds"]:
+        what = "bridge fit" if r.get("bridge") else "final-norm calibration"
+        if r.get("build_s") is not None:
+            rows.append((f"round {r['round']}: build + {what}", r["build_s"]))
+        rows.append((f"round {r['round']}: training ({r['layers']} layers)", r["wall_s"]))
+    speed = report["final"].get("speed") or {}
+    if speed.get("seconds") is not None:
+        rows.append(("inference-speed timing", speed["seconds"]))
+    if not rows:
+        return []
+    out = ["## Time per phase", "", "| phase | wall time (s) |", "|---|---:|"]
+    out += [f"| {name} | {sec:.0f} |" for name, sec in rows]
+    return [*out, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what was run, the table, the verdict, the speed and the plots."""
     ref, final, tgt = report["reference"], report["final"], report["target"]
+    extra = tgt.get("extra_eval")
+    extra_head = f" {extra} (held out): start -> end |" if extra else ""
     lines = [
         "# Inheritune run",
         "",
@@ -213,10 +245,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- steps per round: {report['steps_per_round']}",
         "",
         "| model | layers | parameters | tokens trained | wall time (s) | val loss at start "
-        "| val loss | val ppl | matched |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| val loss | val ppl | matched |{extra_head}",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * bool(extra),
         f"| reference (zero-shot) | {ref['layers']} | {_millions(ref['parameters'])} | - | - | "
-        f"- | {_fmt(ref['val_loss'])} | {_fmt(ref['val_ppl'], 2)} | - |",
+        f"- | {_fmt(ref['val_loss'])} | {_fmt(ref['val_ppl'], 2)} | - |"
+        + (f" {_fmt(ref.get('extra_val_loss'))} |" if extra else ""),
     ]
     trained = ref.get("trained")
     if trained:
@@ -231,6 +264,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| round {r['round']} | {r['layers']} | {_millions(r['parameters'])} | "
             f"{r['tokens']:,} | {_fmt(r['wall_s'], 0)} | {_start(r)} | {_fmt(r['val_loss'])} | "
             f"{_fmt(r['val_ppl'], 2)} | {'yes' if r['matched'] else 'no'} |"
+            + (f" {_extra(r)} |" if extra else "")
         )
     speed = final.get("speed") or {}
     verdict = "matched" if final["matched"] else "did NOT match"
@@ -253,6 +287,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{speed['reference_tokens_per_s']:,.0f} tok/s ({speed['speedup']:.2f}x)"
         )
     lines += [f"- final model (Hugging Face folder): `{final['model_dir']}`", ""]
+    bridged = [r for r in report["rounds"] if r.get("bridge")]
+    if bridged:
+        lines += ["## The bridge block", ""]
+        for r in bridged:
+            b = r["bridge"]
+            lines.append(
+                f"- round {r['round']}: {r['depth']} inherited layers alone start at "
+                f"{_fmt(b.get('val_loss_without_bridge'))}; with the fitted bridge block "
+                f"({r['layers']} layers) at {_start(r)} (fit loss {_fmt(b['fit_loss_before'])} "
+                f"-> {_fmt(b['fit_loss_after'])} on held-out calibration windows, "
+                f"{_fmt(b['wall_seconds'], 0)} s)"
+            )
+        lines.append("")
+    lines += _phase_times(report)
     lines += ["## Validation curves", "", f"![validation curves]({report['curves_png']})", ""]
     analysis = report.get("analysis")
     if analysis:
