@@ -4,11 +4,12 @@ Rows (K inherited layers of the 30-layer reference, Shakespeare):
 
 * the reference itself;
 * the first K layers as inherited (embeddings + K blocks + final norm + tied head);
-* + the final-norm gain refitted (inheritune.calibrate, the same windows as the bridge uses);
-* + the closed-form linear map h_K -> h_L applied before the final norm, + refit: a
-  non-standard reference point (not savable as a standard checkpoint);
-* + a bridge block fitted on cached activations, + refit: ``bridge.build_bridged``, a standard
-  checkpoint with K + 1 layers.
+* + the final-norm gain refitted (inheritune.calibrate on the first ``--norm-windows``
+  calibration windows);
+* + the closed-form linear map h_K -> h_L applied before the final norm, without and with the
+  refit: a non-standard reference point (not savable as a standard checkpoint);
+* + a bridge block fitted on cached activations (``bridge.build_bridged`` with its defaults, a
+  standard checkpoint with K + 1 layers), without and with the same refit.
 
 Evaluation: ``data.eval_windows`` + ``losses.evaluate_loss`` on the validation split (the
 training loop's fixed windows; default 64 x 128 = 8192 tokens, like the demo). Calibration:

@@ -333,15 +333,33 @@ def settings_diff(rec: dict[str, Any]) -> str:
     return ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in diff.items())
 
 
+def command(rec: dict[str, Any]) -> str:
+    """The command line that reproduces a record (its name, depth, seed and budget)."""
+    base = rec.get("base_exp", rec["exp"])
+    parts = [f"--exp {base}"]
+    if base in EXPERIMENTS and rec["knobs"].get("layers") != EXPERIMENTS[base].layers:
+        parts.append(f"--layers {rec['knobs']['layers']}")
+    if rec["train"].get("seed", 0):
+        parts.append(f"--seed {rec['train']['seed']}")
+    if rec["train"].get("eval_every") != BASE["eval_every"]:
+        parts.append(f"--eval-every {rec['train']['eval_every']}")
+    if rec["exp"] != base:
+        parts.append(f"--name {rec['exp']}")
+    return " ".join([*parts, f"--seconds {rec['seconds']:.0f}", f"--threads {rec['threads']}"])
+
+
 def report(path: Path) -> str:
+    """Markdown table of the v2 records: settings, command, clock, both validation sets, and
+    the training-split numbers that levers are chosen on."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     old = [r for r in rows if r.get("version") != VERSION]
     rows = [r for r in rows if r.get("version") == VERSION]
     sets = list(rows[0]["final"]) if rows else []
     names = " / ".join(sets)
     head = (
-        f"| experiment | K | settings (vs baseline) | budget s | steps | step s (med/p10) "
-        f"| tok/s | start ({names}) | final ({names}) | load |"
+        f"| experiment | K | settings (vs baseline) | command | budget s | setup s | steps "
+        f"| step s (med/p10) | load | start ({names}) | final ({names}) "
+        f"| train-split windows (start / final) | train loss, last 10% |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -349,17 +367,21 @@ def report(path: Path) -> str:
         final = " / ".join(f"{r['final'][s]:.3f}" for s in sets)
         load = f"{r['load_avg'][0]:.1f}"
         if r["knobs"].get("reference"):
-            layers = "all"
             out.append(
-                f"| {r['exp']} | {layers} | reference, no training | | | | | {start} | "
-                f"{final} | {load} |"
+                f"| {r['exp']} | all | reference, no training | `{command(r)}` | | | | | {load} "
+                f"| {start} | {final} | | |"
             )
             continue
         step = f"{r.get('step_s_median', 0):.2f}/{r.get('step_s_p10', 0):.2f}"
+        sel = ""
+        if "final_train_windows" in r:
+            sel = f"{r['start_train_windows']:.3f} / {r['final_train_windows']:.3f}"
+        tail = r.get("train_loss_tail")
         out.append(
             f"| {r['exp']} | {r['knobs']['layers']} | {settings_diff(r) or 'baseline'} | "
-            f"{r['seconds']:.0f} | {r['steps']} | {step} | {r.get('tokens_per_s', 0):.0f} | "
-            f"{start} | {final} | {load} |"
+            f"`{command(r)}` | {r['seconds']:.0f} | {r.get('setup_s', 0):.0f} | {r['steps']} | "
+            f"{step} | {load} | {start} | {final} | {sel} | "
+            f"{'' if tail is None else f'{tail:.3f}'} |"
         )
     if old:
         out.append(f"\n({len(old)} v1 record(s) skipped: their table is in recovery.md)")

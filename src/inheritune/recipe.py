@@ -175,8 +175,9 @@ class RecipeConfig:
     )
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
     # ^ --bridge block: every round's target gets one extra fitted block on top of its l
-    # inherited ones (a standard l+1-layer checkpoint; inheritune.bridge); its final norm is
-    # refitted by the bridge (--norm-iters), so --calibrate-iters is for --bridge none.
+    # inherited ones (a standard l+1-layer checkpoint; inheritune.bridge). The bridge's own
+    # optional final-norm refit is --norm-iters (off by default: on few windows it overfits,
+    # benchmarks/results/bridge.md); --calibrate-iters applies to --bridge none only.
 
     # -- step 5: the comparison
     target: str = field(
