@@ -532,14 +532,8 @@ def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
 def inherit(cfg: InheritConfig) -> Path:
     """Write the target as an HF folder (+ tokenizer if the reference has one, inheritune.yaml,
     provenance.json). No tokenizer is needed: only weights are copied."""
-    from inheritune import __version__, mergekit
-    from inheritune.models import (
-        count_parameters,
-        has_tokenizer,
-        load_config,
-        load_model,
-        load_tokenizer,
-    )
+    from inheritune import __version__, inputs, mergekit
+    from inheritune.models import count_parameters, has_tokenizer, load_config
 
     # Check the selection against the reference's config before loading any weights.
     ref_config = load_config(cfg.model, cfg.trust_remote_code)
@@ -547,19 +541,27 @@ def inherit(cfg: InheritConfig) -> Path:
     if cfg.export_mergekit:
         mk_source = mergekit.source_name(cfg.model)  # a .gguf is refused here, before the work
         mergekit.check_path(cfg.export_mergekit)
-    ref = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # Tokens only for the bridge's calibration; a tokenizer only where the reference has one.
+    bridging = cfg.bridge != "none"
+    loaded = inputs.load(
+        cfg.model,
+        cfg.data if bridging else None,
+        tokenizer=bridging or has_tokenizer(cfg.model),
+        seq_lens={"calib_seq_len": cfg.calib_seq_len, "eval_seq_len": cfg.eval_seq_len}
+        if bridging
+        else None,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    ref = loaded.model
     target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
     if cfg.fresh:
         target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
     bridged = None
-    if cfg.bridge != "none":
-        from inheritune.data import load_tokens
-
-        tokens = load_tokens(cfg.data, load_tokenizer(cfg.model, cfg.trust_remote_code))
+    if bridging:
         target, bridged = _bridge.bridge_on_corpus(
             ref,
             len(indices),
-            tokens,
+            loaded.tokens,
             _bridge.bridge_config(cfg),
             cfg.seed,
             cfg.eval_tokens,
@@ -568,8 +570,8 @@ def inherit(cfg: InheritConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out)
-    if has_tokenizer(cfg.model):
-        load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(out)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out)
     save_resolved(cfg, out / "inheritune.yaml")
     provenance = {
         "reference": cfg.model,
