@@ -73,7 +73,7 @@ USER_ERRORS = (
     ("inheritune.arch", "UnsupportedModelError"),
     ("inheritune.assets", "AssetError"),
     ("inheritune.checkpoint", "CheckpointError"),
-    ("inheritune.train", "TrainingError"),
+    ("inheritune.trainer", "TrainingError"),
     ("inheritune.distributed", "PeerError"),
 )
 
