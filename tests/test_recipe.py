@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from inheritune import cli, data, losses, models, optim, recipe, report, surgery
+from inheritune import cli, data, growth, losses, models, optim, recipe, report, surgery
 from inheritune import train as train_mod
 from inheritune.arch import get_arch
 from inheritune.config import ConfigError, build, flag_fields, load_yaml, to_dict
@@ -358,7 +358,7 @@ def test_interrupted_round_resumes_where_it_stopped(tmp_path, tiny_run, monkeypa
     with pytest.raises(SystemExit) as e:
         recipe.run(cfg)
     assert e.value.code == 128 + signal.SIGTERM
-    state = json.loads((tmp_path / "killed" / recipe.STATE_FILE).read_text())
+    state = json.loads((tmp_path / "killed" / growth.STATE_FILE).read_text())
     assert [r["round"] for r in state["rounds"]] == [1]  # round 2 is not recorded as finished
     assert not (tmp_path / "killed" / "report.json").exists()
 
