@@ -389,6 +389,43 @@ def _reference_loss(ctx: _Context) -> float:
     return loss
 
 
+def _buildable(cfg: CompareConfig, L: int, depth: int) -> tuple[list[str], dict[str, str]]:
+    """The selected variants and, for those that cannot be built at ``depth``, why; naming an
+    unbuildable variant explicitly is an error."""
+    names = cfg.selected()
+    skipped = {n: r for n in names if (r := unbuildable_reason(n, L, depth))}
+    if cfg.variants is not None and skipped:
+        raise ConfigError(
+            f"cannot build at --depth {depth} of a {L}-layer reference: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+    return names, skipped
+
+
+def _write_outputs(cfg: CompareConfig, summary: dict[str, Any], out: Path):
+    """compare.json, curves.png and compare.md; returns (json path, plot path, md path)."""
+    rows, ref = summary["variants"], summary["reference"]
+    json_path = ckpt.atomic_write_json(out / "compare.json", summary)
+    curves = {
+        r["variant"] + (f" ({r['budget']})" if r["budget"] != "1T" else ""): (
+            [e["tokens"] for e in r["evals"]],
+            [e["val_loss"] for e in r["evals"]],
+        )
+        for r in rows
+    }
+    plot = plots.plot_curves(
+        curves,
+        out / "curves.png",
+        title=f"validation loss at depth {summary['depth']} ({summary['steps']} steps = T)",
+        reference=ref["val_loss"],
+        reference_label=f"reference ({ref['layers']} layers)",
+    )
+    md = out / "compare.md"
+    ckpt.atomic_write_text(md, render_markdown(summary, plot.name))
+    print(f"wrote {md}, {json_path.name}, {plot.name}")
+    return json_path, plot, md
+
+
 def compare(cfg: CompareConfig) -> CompareResult:
     """Run (or resume) every selected variant and write compare.md, compare.json, curves.png."""
     t = cfg.train
@@ -403,17 +440,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     if cfg.export_mergekit:
         mergekit.check_path(cfg.export_mergekit)
         mk_source = mergekit.source_name(t.model)
-    names = cfg.selected()
-    skipped: dict[str, str] = {}
-    for name in names:
-        reason = unbuildable_reason(name, L, depth)
-        if reason:
-            skipped[name] = reason
-    if cfg.variants is not None and skipped:
-        raise ConfigError(
-            f"cannot build at --depth {depth} of a {L}-layer reference: "
-            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-        )
+    names, skipped = _buildable(cfg, L, depth)
     out = Path(t.out)
     specs = {n: variant_spec(cfg, n, depth) for n in names if n not in skipped}
     done = {n: _is_cached(out / n, s) for n, s in specs.items()}
@@ -472,24 +499,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     }
     if cfg.export_mergekit:
         summary["mergekit"] = _export_mergekit(cfg, mk_source, config, rows)
-    json_path = ckpt.atomic_write_json(out / "compare.json", summary)
-    curves = {
-        r["variant"] + (f" ({r['budget']})" if r["budget"] != "1T" else ""): (
-            [e["tokens"] for e in r["evals"]],
-            [e["val_loss"] for e in r["evals"]],
-        )
-        for r in rows
-    }
-    plot = plots.plot_curves(
-        curves,
-        out / "curves.png",
-        title=f"validation loss at depth {depth} ({t.steps} steps = T)",
-        reference=ref_loss,
-        reference_label=f"reference ({L} layers)",
-    )
-    md = out / "compare.md"
-    md.write_text(render_markdown(summary, plot.name))
-    print(f"wrote {md}, {json_path.name}, {plot.name}")
+    json_path, plot, md = _write_outputs(cfg, summary, out)
     return CompareResult(out, ref_loss, rows, skipped, md, json_path, plot)
 
 

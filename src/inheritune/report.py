@@ -223,6 +223,28 @@ def _phase_times(report: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def _analysis_section(analysis: dict[str, Any] | None) -> list[str]:
+    """report.md's summary of the reference's attention-collapse analysis, with its plots."""
+    lines: list[str] = []
+    if analysis:
+        lines += ["## Attention-collapse analysis of the reference", ""]
+        lazy = analysis.get("lazy_layers")
+        if lazy is not None:
+            lines.append(f"- lazy layers (MaxRank ~ 1): {lazy if lazy else 'none'}")
+        suggested = analysis.get("suggested_depth")
+        if suggested:
+            lines.append(
+                f"- suggested initial depth: paper L/2 = {suggested['paper_half']}; "
+                f"analysis-based = {suggested['analysis']} ({suggested['rule']})"
+            )
+        if analysis.get("json"):
+            lines.append(f"- full numbers: `{analysis['json']}`")
+        lines.append("")
+        for png in analysis.get("plots", []):
+            lines += [f"![{Path(png).stem}]({png})", ""]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what was run, the table, the verdict, the speed and the plots."""
     ref, final, tgt = report["reference"], report["final"], report["target"]
@@ -302,23 +324,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += _phase_times(report)
     lines += ["## Validation curves", "", f"![validation curves]({report['curves_png']})", ""]
-    analysis = report.get("analysis")
-    if analysis:
-        lines += ["## Attention-collapse analysis of the reference", ""]
-        lazy = analysis.get("lazy_layers")
-        if lazy is not None:
-            lines.append(f"- lazy layers (MaxRank ~ 1): {lazy if lazy else 'none'}")
-        suggested = analysis.get("suggested_depth")
-        if suggested:
-            lines.append(
-                f"- suggested initial depth: paper L/2 = {suggested['paper_half']}; "
-                f"analysis-based = {suggested['analysis']} ({suggested['rule']})"
-            )
-        if analysis.get("json"):
-            lines.append(f"- full numbers: `{analysis['json']}`")
-        lines.append("")
-        for png in analysis.get("plots", []):
-            lines += [f"![{Path(png).stem}]({png})", ""]
+    lines += _analysis_section(report.get("analysis"))
     lines += [f"Resolved config: `{report['config_file']}`", ""]
     return "\n".join(lines)
 
