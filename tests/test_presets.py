@@ -42,6 +42,10 @@ TINY_OVERRIDES = {
     "speed_seq_len": 16,
     "speed_warmup": 0,
     "speed_iters": 1,
+    "extra_eval": None,  # a second corpus (botchan in the demo) is not part of this check
+    "calib_tokens": 64,  # the bridge (demo): a tiny fit
+    "calib_seq_len": 16,
+    "bridge_steps": 2,
 }
 # Paper §4 training settings shared by the GPT-2 presets.
 PAPER = {
@@ -119,7 +123,9 @@ def test_preset_runs_one_step_on_a_tiny_model(path, tmp_path, tiny_folder, corpu
     res = recipe.run(cfg)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(rep["rounds"]) == 1 and rep["rounds"][0]["steps"] == 1
-    assert rep["rounds"][0]["layers"] == recipe.choose_init_depth(cfg.init_depth, 26, None)
+    assert rep["rounds"][0]["layers"] == recipe.choose_init_depth(cfg.init_depth, 26, None) + (
+        cfg.bridging.bridge == "block"
+    )  # a bridge block adds one layer
     assert rep["growth"] == cfg.growth
     resolved = load_yaml(tmp_path / "run" / "config.yaml")
     assert resolved == to_dict(cfg)
