@@ -21,7 +21,9 @@ Contenders, run one after the other in the same process, each on one core per pr
 
 Each contender runs ``--rounds`` times, in turn (plain, N=1, N=2, plain, ...), so that load from
 other processes hits all alike; the summary uses each one's fastest round, and the table shows
-every round with its CPU time (this process and its workers).
+every round with its CPU time (this process and its workers). A control measures, at the start of
+each round, how much faster two processes run a pure-Python loop than one: on a shared machine
+it shows how much of a second core was free.
 
 The projection for OpenWebText (~40 GB of text, ~9B GPT-2 tokens) scales the measured
 2-process throughput linearly in cores (per-process rate x cores, times the 2-process
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import pickle
 import random
@@ -96,6 +99,28 @@ def reader_only(source: data.TextSource) -> None:
         pickle.dumps(([p.text for p in shard], [p.end for p in shard]))
 
 
+def _spin(n: int) -> None:
+    x = 0
+    for i in range(n):
+        x += i
+
+
+def machine_speedup(n: int = 20_000_000) -> float:
+    """Control: how much faster 2 processes run a pure-Python loop than 1, right now. On a
+    machine with two idle cores this is ~2; other users' load shows up here as well."""
+    t = time.perf_counter()
+    _spin(n)
+    one = time.perf_counter() - t
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_spin, args=(n,)) for _ in range(2)]
+    t = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return 2 * one / (time.perf_counter() - t)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (the pool's workers)."""
     own, kids = (
@@ -122,6 +147,7 @@ def main() -> None:
     itemsize = data.token_dtype(len(tokenizer)).itemsize
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     runs: list[dict] = []
+    control: list[float] = []
     try:
         corpus, n_docs, text_bytes = build_corpus(tmp, args.mb)
         source = data.resolve_data(str(corpus))
@@ -140,6 +166,8 @@ def main() -> None:
             )
 
         for rnd in range(1, args.rounds + 1):
+            control.append(machine_speedup())
+            print(f"round {rnd} machine 2-process speedup {control[-1]:.2f}x", file=sys.stderr)
             timed("reader", 1, rnd, lambda: reader_only(source))
             timed("plain loop", 1, rnd, lambda: plain_loop(source, tokenizer, tmp / "plain.bin"))
             plain = (tmp / "plain.bin").read_bytes()
@@ -199,7 +227,9 @@ def main() -> None:
         "From the fastest round of each:",
         "",
         f"* 2 processes vs 1: **{speedup:.2f}x** ({rate['prepare N=2']:.2f} vs "
-        f"{rate['prepare N=1']:.2f} MB/s; parallel efficiency {eff:.0%}).",
+        f"{rate['prepare N=1']:.2f} MB/s; parallel efficiency {eff:.0%}). Control, a pure "
+        f"Python loop on 2 processes vs 1 at the start of each round: "
+        f"{', '.join(f'{c:.2f}x' for c in control)} (what the machine had to give).",
         f"* Per core, prepare vs the plain one-document-at-a-time loop: **{per_core:.2f}x** "
         f"({rate['prepare N=1']:.2f} vs {rate['plain loop']:.2f} MB/s, "
         f"{tokens / best['prepare N=1']['s']:,.0f} vs {tokens / best['plain loop']['s']:,.0f} "
