@@ -16,8 +16,9 @@ Contenders, run one after the other in the same process, each on one core per pr
 * ``prepare N=1`` / ``prepare N=2``: :func:`inheritune.prepare.prepare_tokens` (shards of 8 MB,
   batched fast-tokenizer calls in N worker processes, ordered append). Both must write the same
   bytes as the plain loop, or the benchmark fails;
-* ``reader``: the main process's share alone (read, decode, cut into shards, pickle for the
-  workers), the ceiling for any number of processes.
+* ``reader`` / ``reader parquet``: the main process's share alone (read, decode, cut into shards,
+  pickle for the workers), the ceiling for any number of processes; the second reads the same
+  documents from parquet through ``datasets`` streaming, as the hub path does.
 
 Each contender runs ``--rounds`` times, in turn (plain, N=1, N=2, plain, ...), so that load from
 other processes hits all alike; the summary uses each one's fastest round, and the table shows
@@ -48,6 +49,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from inheritune import assets, data, models
 from inheritune.prepare import DEFAULT_SHARD_MB, _shards, prepare_tokens
@@ -57,7 +60,8 @@ COMMAND = ".venv/bin/python benchmarks/bench_prepare.py --write benchmarks/resul
 
 
 def build_corpus(folder: Path, mb: float, seed: int = 0) -> tuple[Path, int, int]:
-    """A .jsonl of shuffled 2-8 KB Shakespeare documents; returns (path, documents, text bytes)."""
+    """A .jsonl (and .parquet) of shuffled 2-8 KB Shakespeare documents; returns the .jsonl's
+    path, the number of documents and their bytes of text."""
     rng = random.Random(seed)
     docs: list[str] = []
     for play in sorted(assets.ensure_default_corpus().glob("*.txt")):
@@ -73,15 +77,17 @@ def build_corpus(folder: Path, mb: float, seed: int = 0) -> tuple[Path, int, int
         if doc:
             docs.append("".join(doc))
     path = folder / "corpus.jsonl"
-    n = nbytes = 0
+    corpus: list[str] = []
+    nbytes = 0
+    while nbytes < mb * 1e6:
+        rng.shuffle(docs)
+        corpus += docs
+        nbytes += sum(len(d.encode("utf-8")) for d in docs)
     with open(path, "w", encoding="utf-8") as f:
-        while nbytes < mb * 1e6:
-            rng.shuffle(docs)
-            for d in docs:
-                f.write(json.dumps({"text": d}) + "\n")
-                n += 1
-                nbytes += len(d.encode("utf-8"))
-    return path, n, nbytes
+        f.writelines(json.dumps({"text": d}) + "\n" for d in corpus)
+    # the same documents as parquet, to time the reader of the hub path (OpenWebText's format)
+    pq.write_table(pa.table({"text": corpus}), folder / "corpus.parquet", row_group_size=10_000)
+    return path, len(corpus), nbytes
 
 
 def plain_loop(source: data.TextSource, tokenizer, out: Path) -> None:
@@ -131,8 +137,8 @@ def cpu_seconds() -> float:
 
 
 def hms(seconds: float) -> str:
-    h, rem = divmod(round(seconds), 3600)
-    return f"{h} h {rem // 60:02d} min"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min"
 
 
 def main() -> None:
@@ -151,6 +157,7 @@ def main() -> None:
     try:
         corpus, n_docs, text_bytes = build_corpus(tmp, args.mb)
         source = data.resolve_data(str(corpus))
+        parquet = data.resolve_data(str(corpus.with_suffix(".parquet")))
         mb = text_bytes / 1e6
 
         def timed(name: str, procs: int, rnd: int, fn) -> None:
@@ -169,6 +176,7 @@ def main() -> None:
             control.append(machine_speedup())
             print(f"round {rnd} machine 2-process speedup {control[-1]:.2f}x", file=sys.stderr)
             timed("reader", 1, rnd, lambda: reader_only(source))
+            timed("reader parquet", 1, rnd, lambda: reader_only(parquet))
             timed("plain loop", 1, rnd, lambda: plain_loop(source, tokenizer, tmp / "plain.bin"))
             plain = (tmp / "plain.bin").read_bytes()
             for n in (1, 2):
@@ -202,10 +210,8 @@ def main() -> None:
     # unlike wall time, does not depend on how much of the machine other users take.
     n2 = best["prepare N=2"]
     per_cpu = mb / n2["cpu"]
-    proj = {
-        c: max(OWT_BYTES / (per_cpu * 1e6 * c), OWT_BYTES / (rate["reader"] * 1e6))
-        for c in (16, 64)
-    }
+    reader = min(rate["reader"], rate["reader parquet"])
+    proj = {c: max(OWT_BYTES / (per_cpu * 1e6 * c), OWT_BYTES / (reader * 1e6)) for c in (16, 64)}
     load = "/".join(f"{x:.2f}" for x in load_before), "/".join(f"{x:.2f}" for x in load_after)
     lines = [
         "# `inheritune prepare` throughput",
@@ -238,15 +244,16 @@ def main() -> None:
         f"{tokens / best['prepare N=1']['s']:,.0f} vs {tokens / best['plain loop']['s']:,.0f} "
         f"tokens/s, one process each).",
         f"* `reader` is the main process alone (read, decode, shard, pickle): the ceiling for any "
-        f"number of processes, {rate['reader']:.0f} MB/s.",
+        f"number of processes, {rate['reader']:.0f} MB/s from the .jsonl, "
+        f"{rate['reader parquet']:.0f} MB/s from the same documents as parquet through "
+        f"`datasets` streaming (the hub path's reader).",
         "",
         f"Projection for OpenWebText (~40 GB of text, ~9B GPT-2 tokens), downloading not "
         f"included: **{hms(proj[16])} on 16 cores, {hms(proj[64])} on 64 cores**, from the "
         f"2-process run's {per_cpu:.2f} MB per CPU-second (its main process and workers) times "
-        f"the cores, capped by the reader; that is, with every core free for the job, which the "
-        f"control above says this shared machine was not. It assumes GPT-2's BPE runs at "
-        f"SmolLM2's rate (both byte-level BPE of ~50K tokens) and web text tokenises like "
-        f"Shakespeare: an estimate, not a measurement.",
+        f"the cores, capped by the reader: it assumes every core is free for the job, GPT-2's "
+        f"BPE runs at SmolLM2's rate (both byte-level BPE of ~50K tokens) and web text "
+        f"tokenises like Shakespeare: an estimate, not a measurement.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

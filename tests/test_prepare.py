@@ -216,40 +216,43 @@ def test_resume_after_interruption(tmp_path, tokenizer):
     corpus = _txt_folder(tmp_path / "corpus", docs)
     (corpus / "doc06.txt").write_bytes(docs[6].encode() + b"\xff trailing\n")
     strict = data.resolve_data(str(corpus))
-    # one process appends every shard before the bad file as soon as it is tokenised
-    with pytest.raises(data.DataError, match=r"doc06\.txt"):
-        prepare_tokens(strict, tokenizer, tmp_path / "one", num_proc=1, shard_mb=TINY_SHARD_MB)
-    before_bad = json.loads((tmp_path / "one" / "progress.json").read_text())["shards"]
-    assert before_bad >= 3
-    # two processes: shards in the workers' hands (2 + 1 queued) are finished, some appended,
-    # the others kept as shard files; shards not yet handed out are dropped
-    out = tmp_path / "out"
-    with pytest.raises(data.DataError, match=r"doc06\.txt"):
-        prepare_tokens(strict, tokenizer, out, num_proc=2, shard_mb=TINY_SHARD_MB)
-    appended = json.loads((out / "progress.json").read_text())["shards"]
-    written = len(list((out / "shards").glob("shard-*.bin")))
-    assert min(3, before_bad) <= appended + written <= before_bad
-    assert not (out / "meta.json").exists()
-    with pytest.raises(data.DataError, match="unfinished"):
-        data.load_tokens(str(out), tokenizer)
-    # what a kill could leave: bytes appended after the last recorded shard, a half-written shard
-    with open(out / "tokens.bin", "ab") as f:
-        f.write(b"\x07" * 10)
-    (out / "shards" / "shard-00099.bin.tmp").write_bytes(b"half a shard")
-
     lossy = data.resolve_data(str(corpus), lossy_text=True)
-    r = prepare_tokens(lossy, tokenizer, out, num_proc=2, shard_mb=TINY_SHARD_MB)
+    fresh = tmp_path / "fresh"
+    prepare_tokens(lossy, tokenizer, fresh, num_proc=1, shard_mb=TINY_SHARD_MB)
+
+    # one process appends every shard before the bad file as soon as it is tokenised
+    one = tmp_path / "one"
+    with pytest.raises(data.DataError, match=r"doc06\.txt"):
+        prepare_tokens(strict, tokenizer, one, num_proc=1, shard_mb=TINY_SHARD_MB)
+    before_bad = json.loads((one / "progress.json").read_text())["shards"]
+    assert before_bad >= 3 and not (one / "meta.json").exists()
+    with pytest.raises(data.DataError, match="unfinished"):
+        data.load_tokens(str(one), tokenizer)
+    # what a kill could leave: bytes appended after the last recorded shard, a half-written shard
+    with open(one / "tokens.bin", "ab") as f:
+        f.write(b"\x07" * 10)
+    (one / "shards" / "shard-00099.bin.tmp").write_bytes(b"half a shard")
+    r = prepare_tokens(lossy, tokenizer, one, num_proc=2, shard_mb=TINY_SHARD_MB)
+    assert (r.resumed_shards, r.reused_shards) == (before_bad, 0)
+
+    # two processes: the shards the workers had finished are kept, appended or as shard files
+    # (how many depends on timing), and a rerun appends those files without tokenising again
+    two = tmp_path / "two"
+    with pytest.raises(data.DataError, match=r"doc06\.txt"):
+        prepare_tokens(strict, tokenizer, two, num_proc=2, shard_mb=TINY_SHARD_MB)
+    appended = json.loads((two / "progress.json").read_text())["shards"]
+    written = len(list((two / "shards").glob("shard-*.bin")))
+    assert appended + written <= before_bad
+    r = prepare_tokens(lossy, tokenizer, two, num_proc=1, shard_mb=TINY_SHARD_MB)
     assert (r.resumed_shards, r.reused_shards) == (appended, written)
-    fresh = prepare_tokens(lossy, tokenizer, tmp_path / "fresh", num_proc=1, shard_mb=TINY_SHARD_MB)
-    assert fresh.resumed_shards == 0
-    assert (out / "tokens.bin").read_bytes() == (tmp_path / "fresh" / "tokens.bin").read_bytes()
-    meta, fresh_meta = (
-        json.loads((d / "meta.json").read_text()) for d in (out, tmp_path / "fresh")
-    )
-    assert meta == fresh_meta
+
+    for folder in (one, two):
+        assert (folder / "tokens.bin").read_bytes() == (fresh / "tokens.bin").read_bytes()
+        meta, fresh_meta = (json.loads((d / "meta.json").read_text()) for d in (folder, fresh))
+        assert meta == fresh_meta
     # a different plan in the same folder is refused, naming the difference
     with pytest.raises(data.DataError, match="max_tokens"):
-        prepare_tokens(lossy, tokenizer, out, max_tokens=5)
+        prepare_tokens(lossy, tokenizer, one, max_tokens=5)
 
 
 def test_max_tokens_is_exact_and_a_prefix(tmp_path, tokenizer):

@@ -412,7 +412,7 @@ def open_tokens(folder: Path, tokenizer=None, val_fraction: float = VAL_FRACTION
 def token_cache_folder(
     source: TextSource, tokenizer, max_tokens: int | None = None, val_docs_every: int = 0
 ) -> Path:
-    """Where :func:`load_tokens` keeps ``source`` tokenised by ``tokenizer`` (with these options)."""
+    """Where :func:`load_tokens` keeps ``source`` tokenised by ``tokenizer`` (and options)."""
     key = f"{source.fingerprint()}|{tokenizer_fingerprint(tokenizer)}"
     if max_tokens is not None or val_docs_every:  # the defaults keep the keys of older caches
         key += f"|max_tokens={max_tokens}|val_docs_every={val_docs_every}"
