@@ -32,14 +32,13 @@ WRAPPER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from inheritune import cli, distributed, monitor
-from inheritune import train as T
+from inheritune import cli, distributed, monitor, trainer
 marks = {"imports": monitor.peak_memory(torch.device("cpu"))}
-real = T._finish
-def _finish(run, *a, **k):
+real = trainer.finish
+def finish(run, *a, **k):
     marks["train"] = monitor.peak_memory(run.env.device)
     return real(run, *a, **k)
-T._finish = _finish
+trainer.finish = finish
 rc = cli.main(sys.argv[1:])
 marks["end"] = monitor.peak_memory(distributed.setup().device)
 Path(os.environ["MARKS"], os.environ["RANK"] + ".json").write_text(json.dumps(marks))

@@ -302,6 +302,7 @@ def wrap(
 
         if not env.distributed:
             return module  # one process: sharding would only add overhead
+        return_freed_memory_on_cpu(env)
         shard_blocks(layers, precision)
         # root: embeddings, final norm and head (tied weights stay one)
         fully_shard(module, mp_policy=mixed_precision(precision))
@@ -321,6 +322,21 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def return_freed_memory_on_cpu(env: DistEnv) -> None:
+    """Under FSDP on CPU, give freed heap pages back to the OS (glibc's M_MMAP_THRESHOLD fixed at
+    1 MiB, what ``MALLOC_MMAP_THRESHOLD_=1048576`` does). By default glibc raises its threshold
+    after large frees and then keeps FSDP's per-block all-gather buffers in the heap, so a rank's
+    resident memory would not show what sharding saves (benchmarks/results/fsdp_memory.md)."""
+    if env.device.type != "cpu" or not env.distributed:
+        return
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h)
+
+
 def load_sharded_model(
     folder: str | Path, config, env: DistEnv, precision: str = "fp32", **from_config: Any
 ) -> nn.Module:
@@ -333,6 +349,8 @@ def load_sharded_model(
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    return_freed_memory_on_cpu(env)
 
     from inheritune.arch import get_arch, get_module
 
