@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from inheritune import bridge, distributed, inputs, mergekit, models, plots, scoring, surgery
+from inheritune import bridge, inputs, mergekit, models, plots, scoring, surgery
 from inheritune import checkpoint as ckpt
 from inheritune.baselines import (
     VARIANTS,
@@ -381,10 +381,8 @@ def _reference_loss(ctx: _Context) -> float:
     if cached is not None:
         return float(cached["val_loss"])
     windows = eval_windows(ctx.tokens, t.seq_len, t.eval_tokens)
-    # the batch size train uses for its evals, so the sums are taken in the same order
-    device = next(ctx.reference.parameters()).device
-    with distributed.autocast(t.precision, device):
-        loss = float(evaluate_loss(ctx.reference, windows, t.micro_batch()))
+    # the batch size and precision train evaluates with, so the sums are taken in the same order
+    loss = evaluate_loss(ctx.reference, windows, t.micro_batch(), t.precision)
     ckpt.write_cached(ctx.out / "reference.json", spec, {"val_loss": loss})
     return loss
 

@@ -246,13 +246,16 @@ def evaluate_windows(
     return float(sums[0] / sums[1])
 
 
-def evaluate_loss(model: nn.Module, windows: np.ndarray, batch_size: int = 8) -> float:
-    """Mean nats/token of ``model`` on ``windows`` (n, T + 1) from :func:`eval_windows`.
+def evaluate_loss(
+    model: nn.Module, windows: np.ndarray, batch_size: int = 8, precision: str = "fp32"
+) -> float:
+    """Mean nats/token of ``model`` on ``windows`` (n, T + 1) from :func:`eval_windows`, one
+    process, with ``--precision``'s autocast (pass the training run's micro-batch and precision
+    to get the numbers its own evaluations report).
 
     Deterministic (fixed batches, no sampling, dropout off) and without gradients.
     """
     device = next(model.parameters()).device
     env = distributed.DistEnv(0, 1, 0, device)
-    return evaluate_windows(
-        CausalLMLoss(model), windows, batch_size, device, contextlib.nullcontext(), env
-    )
+    autocast = distributed.autocast(precision, device)
+    return evaluate_windows(CausalLMLoss(model), windows, batch_size, device, autocast, env)

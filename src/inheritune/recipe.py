@@ -356,8 +356,7 @@ class _Job:
     def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
         """Mean loss on ``windows`` with the rounds' own micro-batch and precision."""
         t = self.cfg.train
-        with distributed.autocast(t.precision, self.env.device):
-            return float(losses.evaluate_loss(model, windows, t.micro_batch()))
+        return losses.evaluate_loss(model, windows, t.micro_batch(), t.precision)
 
     def extra_loss(self, model: torch.nn.Module) -> float | None:
         return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
@@ -519,8 +518,10 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
     done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
     done.update(_eval_record(result, job.out))
     done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
-    if job.extra_windows is not None:
-        trained = models.load_model(str(result.final_dir)).to(job.env.device)
+    if job.extra_windows is not None:  # the trained weights; reloaded only if FSDP sharded them
+        trained = model
+        if distributed.is_sharded(model):
+            trained = models.load_model(str(result.final_dir)).to(job.env.device)
         done["extra_val_loss"] = {"start": extra_start, "end": job.extra_loss(trained)}
     if calibration is not None:
         done["calibration"] = calibration
