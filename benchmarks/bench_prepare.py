@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inheritune import assets, data, models
+from inheritune import assets, data, models, readers
 from inheritune.prepare import DEFAULT_SHARD_MB, _shards, prepare_tokens
 
 OWT_BYTES, OWT_TOKENS = 40e9, 9.0e9
@@ -94,14 +94,14 @@ def plain_loop(source: data.TextSource, tokenizer, out: Path) -> None:
     """One document at a time through tokenizer(...), as inheritune's loop did before prepare."""
     dtype = data.token_dtype(len(tokenizer))
     with open(out, "wb") as f:
-        for doc in data.iter_documents(source):
+        for doc in readers.iter_documents(source):
             ids = [*tokenizer(doc, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             f.write(np.asarray(ids, dtype=dtype).tobytes())
 
 
 def reader_only(source: data.TextSource) -> None:
     """The main process's work without tokenising: read, cut into shards, pickle for workers."""
-    for shard in _shards(data.iter_pieces(source), int(DEFAULT_SHARD_MB * 1e6)):
+    for shard in _shards(readers.iter_pieces(source), int(DEFAULT_SHARD_MB * 1e6)):
         pickle.dumps(([p.text for p in shard], [p.end for p in shard]))
 
 

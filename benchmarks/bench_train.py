@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inheritune import data, models, surgery
+from inheritune import data, models, monitor, surgery
 from inheritune import train as T
 
 LAYERS = 15
@@ -41,14 +41,9 @@ def build_model() -> torch.nn.Module:
     return surgery.first_layers(models.load_model("smollm2-135m"), LAYERS)
 
 
-def matmul_peak(n: int = 2048, iters: int = 10) -> float:
-    """fp32 GFLOP/s of an n^3 matmul loop."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e9
+def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a 2048^3 matmul loop in ``dtype`` (the training loop's own MFU method)."""
+    return monitor.measure_matmul_peak(torch.device("cpu"), dtype, n=2048, seconds=1.0) / 1e9
 
 
 def flops_per_token(model: torch.nn.Module, seq: int) -> float:
@@ -80,10 +75,19 @@ def plain_loop(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
 
 
 def our_loop(
-    model, tokenizer, tokens, batch: int, seq: int, steps: int, out: Path, train_top: int = 0
+    model,
+    tokenizer,
+    tokens,
+    batch: int,
+    seq: int,
+    steps: int,
+    out: Path,
+    train_top: int = 0,
+    precision: str = "fp32",
 ) -> float:
     cfg = T.TrainConfig(
         train_top=train_top,
+        precision=precision,
         out=str(out),
         steps=steps,
         batch_size=batch,
@@ -127,6 +131,11 @@ def main() -> None:
         default=0,
         help="also time ours with --train-top N (frozen bottom) in the same interleaving",
     )
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time ours with --precision bf16 (autocast; AMX on recent Xeons), same run",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -139,7 +148,8 @@ def main() -> None:
         return
     peak = matmul_peak()
     fpt = flops_per_token(model, args.seq)
-    plain, ours, top = [], [], []
+    peak_bf16 = matmul_peak(torch.bfloat16) if args.bf16 else None
+    plain, ours, top, bf16 = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed warm-up step of each (allocator, thread pools, lazy inits).
         plain_loop(copy.deepcopy(model), batches(tokens, args.batch, args.seq, 1, seed=9))
@@ -162,6 +172,15 @@ def main() -> None:
                     )
                 )  # fmt: skip
                 line += f", --train-top {args.train_top} {top[-1]:.1f} tok/s"
+            if args.bf16:
+                m = copy.deepcopy(model)
+                bf16.append(
+                    our_loop(
+                        m, tokenizer, tokens, args.batch, args.seq, args.steps,
+                        Path(tmp) / f"bf16{r}", train_top=args.train_top, precision="bf16",
+                    )
+                )  # fmt: skip
+                line += f", bf16 (same train-top) {bf16[-1]:.1f} tok/s"
             print(line)
     peak_after = matmul_peak()
     p, o = float(np.mean(plain)), float(np.mean(ours))
@@ -183,6 +202,13 @@ def main() -> None:
         result["train_top"] = args.train_top
         result["train_top_tok_s"] = float(np.mean(top))
         result["train_top_speedup_vs_full"] = float(np.mean(top)) / o
+    if bf16:
+        b = float(np.mean(bf16))
+        result["bf16_tok_s"] = b
+        result["bf16_speedup_vs_fp32_same_train_top"] = b / (float(np.mean(top)) if top else o)
+        result["matmul_peak_bf16_gflops"] = peak_bf16
+        if not args.train_top:
+            result["bf16_frac_bf16_peak"] = b * fpt / 1e9 / peak_bf16
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from inheritune import bridge, data, models, surgery
+from inheritune import activations, bridge, data, models, surgery
 from inheritune.arch import get_arch
 from inheritune.calibrate import calibrate_final_norm
 from inheritune.losses import evaluate_loss
@@ -52,7 +52,7 @@ def with_linear_map(target, reference, ids, depth: int) -> tuple[torch.nn.Module
     """``target`` (depth layers) with the closed-form map applied to its last block's output,
     i.e. before the final norm; fitted on ``ids`` as build_bridged does (last eighth held out)."""
     hold = max(1, len(ids) // 8)
-    h_l, h_L = bridge.collect_states(reference, ids, depth)
+    h_l, h_L = activations.collect_states(reference, ids, depth)
     a, _ = bridge.fit_linear_map(h_l[:-hold], h_L[:-hold], bridge._centers(reference))
     model = copy.deepcopy(target)
     get_arch(model).layers[-1].register_forward_hook(lambda m, args, out: out @ a)

@@ -39,7 +39,17 @@ per-step seconds (median and 10th percentile, from the loop's log.jsonl), and ro
 compared at equal steps. ``--threads`` defaults to 1 (under contention a second thread mostly
 spins at barriers); the loop's output folder is a temporary one, deleted after the run.
 
-Results: one JSON line per run appended to ``benchmarks/results/recovery-v2.jsonl``. The first
+Both sets are also scored by the loop itself at each of its evaluations (its own windows of
+``--seq-len`` tokens; the reference's losses on those windows are in ``loop_reference``), so every
+curve point has both, and ``tokens_to_reference`` records the tokens at which each set first
+reached the reference (issue #10.7). ``--exp prune-angular`` / ``prune-bi`` start from the
+compare command's pruning baselines (:func:`inheritune.baselines.build_initial`, layer scores on
+training-split windows, their cost charged like a bridge fit) instead of the first K blocks;
+``--layers`` is then the pruned depth.
+
+Results: one JSON line per run appended to ``--results`` (default
+``benchmarks/results/recovery-v2.jsonl``; study v3 and the long run use ``recovery-v3.jsonl``
+and ``long-run.jsonl``, their run lists are ``results/recovery-v3.queue``). The first
 study (``recovery.jsonl``, its table in ``recovery.md``) was made by v1 of this script, which had
 its own copy of every part and charged CPU time instead of wall time; it is kept as history and
 ``--report`` skips its records.
@@ -75,8 +85,11 @@ import torch
 from torch import nn
 
 from inheritune import assets, data, inputs, losses, surgery
+from inheritune.arch import get_arch
+from inheritune.baselines import build_initial, layer_scores
 from inheritune.bridge import BridgeConfig, build_bridged, calibration_windows
 from inheritune.calibrate import calibrate_final_norm
+from inheritune.compare import tokens_to_reach
 from inheritune.config import (
     ConfigError,
     add_dataclass_args,
@@ -125,6 +138,9 @@ class Experiment:
     # one extra decoder block fitted on the TRAINING split (inheritune.bridge, BridgeConfig
     # defaults); its fit time is charged to the budget like the calibration's
     bridge: bool = False
+    # a compare baseline's starting model instead (inheritune.baselines.build_initial, e.g.
+    # "prune-angular"), its layer scores on training-split windows; ``layers`` is its depth
+    variant: str | None = None
     note: str = ""
 
     def with_train(self, note: str = "", **changes: Any) -> Experiment:
@@ -180,6 +196,18 @@ EXPERIMENTS: dict[str, Experiment] = {
         note="+bridge +top +linear",
     ),
 }
+# Study v3: bf16 autocast (AMX on these Xeons: ~1 TFLOP/s bf16 vs ~0.14 fp32 per core)
+EXPERIMENTS["+bf16"] = REC.with_train(precision="bf16", note="bf16 autocast, fp32 weights")
+EXPERIMENTS["best+bf16"] = replace(
+    EXPERIMENTS["best"].with_train(precision="bf16"), note="+bridge +top +linear +bf16"
+)
+# Issue #10.7: the pruning baselines trained by best+bf16's recipe (a pruned stack keeps the
+# reference's last layers, so it needs no bridge); give them best's depth + 1 (--layers)
+for _name in ("prune-angular", "prune-bi"):
+    EXPERIMENTS[_name] = replace(
+        EXPERIMENTS["best+bf16"], bridge=False, variant=_name, note=f"{_name}, trained as best+bf16"
+    )
+PRUNE_WINDOWS = 16  # training-split windows of --eval-seq tokens the layer scores use
 
 
 # ----------------------------------------------------------------------------- one run
@@ -193,14 +221,21 @@ def build(
     the recipe chooses them). Also returns what the setup did, with its wall ``seconds``."""
     device = next(reference.parameters()).device
     setup: dict[str, Any] = {"calibration": None, "bridge": None, "seconds": 0.0}
-    if exp.bridge:
+    if exp.variant:
+        windows = data.sample_windows(tokens.train, PRUNE_WINDOWS, cfg.seq_len, cfg.seed)
+        drop = get_arch(reference).num_layers - exp.layers
+        t0 = time.perf_counter()
+        scores = layer_scores(reference, windows, drop, "last")
+        model, info = build_initial(reference, exp.variant, exp.layers, cfg.seed, lambda: scores)
+        setup.update(variant=info, seconds=time.perf_counter() - t0)
+    elif exp.bridge:
         bcfg = BridgeConfig(bridge="block")
         ids = calibration_windows(tokens.train, bcfg, seed=cfg.seed)
         model, stats = build_bridged(reference, exp.layers, ids, bcfg, seed=cfg.seed)
-        model = model.to(device)
         setup.update(bridge=stats, seconds=stats["wall_seconds"])
     else:
-        model = surgery.first_layers(reference, exp.layers, seed=cfg.seed).to(device)
+        model = surgery.first_layers(reference, exp.layers, seed=cfg.seed)
+    model = model.to(device)
     if exp.calibrate_iters > 0:
         ids = data.sample_windows(
             tokens.train, exp.calibrate_windows, cfg.seq_len + 1, cfg.seed + 7
@@ -265,6 +300,17 @@ def run(
     def evaluate(model: nn.Module) -> dict[str, float]:
         return {k: losses.evaluate_loss(model, w) for k, w in windows.items()}
 
+    # the loop's own windows (--seq-len, --eval-tokens) of both sets: the loop scores the
+    # general text at each evaluation too, and the reference's numbers on the same windows
+    # give tokens-to-reference on both
+    loop_general = data.eval_windows(general, cfg.seq_len, cfg.eval_tokens)
+    loop_reference = {
+        cfg.data: losses.evaluate_loss(
+            reference, data.eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)
+        ),
+        args.general: losses.evaluate_loss(reference, loop_general),
+    }
+
     if args.layers:
         exp = replace(exp, layers=args.layers)
     rec: dict[str, Any] = {
@@ -279,6 +325,7 @@ def run(
         "threads": torch.get_num_threads(),
         "device": str(next(reference.parameters()).device),
         "load_avg": list(os.getloadavg()),
+        "loop_reference": loop_reference,
     }
     if exp.reference:
         rec["start"] = rec["final"] = evaluate(reference)
@@ -287,6 +334,7 @@ def run(
 
     model, setup = build(reference, exp, tokens, cfg)
     rec["calibration"], rec["bridge"] = setup["calibration"], setup["bridge"]
+    rec["variant"] = setup.get("variant")
     rec["setup_s"] = setup["seconds"]
     rec["start"] = evaluate(model)
     rec["start_train_windows"] = losses.evaluate_loss(model, selection)
@@ -298,7 +346,9 @@ def run(
     if budget > 0:
         with tempfile.TemporaryDirectory(prefix="recovery-") as out:
             tcfg = replace(cfg, out=out, steps=NO_STEP_LIMIT, time_budget=budget, resume=False)
-            result = train_model(model, tok, tokens, tcfg, teacher=teacher, desc=name)
+            result = train_model(
+                model, tok, tokens, tcfg, teacher, name, extra_eval={args.general: loop_general}
+            )
             per_step = cfg.batch_size * cfg.seq_len
             step_s, spent, evals = read_log(Path(out) / "log.jsonl", per_step)
             train_tail = tail_train_loss(Path(out) / "log.jsonl")
@@ -319,10 +369,19 @@ def run(
                     "train_s": round(spent.get(e["step"], e["step"] * mean), 2),
                     "tokens": e["tokens"],
                     "val_loss": e["val_loss"],
+                    args.general: e["extra"][args.general],
                 }
                 for e in evals
             ],
         )
+        rec["tokens_to_reference"] = {
+            name: tokens_to_reach(
+                [{"tokens": c["tokens"], "val_loss": c[key]} for c in rec["curve"]], ref
+            )
+            for (name, ref), key in zip(
+                loop_reference.items(), ("val_loss", args.general), strict=True
+            )
+        }
     rec["final"] = evaluate(model)
     rec["final_train_windows"] = losses.evaluate_loss(model, selection)
     rec["wall_s"] = time.perf_counter() - t_wall
@@ -351,10 +410,13 @@ def command(rec: dict[str, Any]) -> str:
     parts = [f"--exp {base}"]
     if base in EXPERIMENTS and rec["knobs"].get("layers") != EXPERIMENTS[base].layers:
         parts.append(f"--layers {rec['knobs']['layers']}")
+    known = {**BASE, **EXPERIMENTS[base].train} if base in EXPERIMENTS else BASE
+    for key, value in rec["train"].items():  # the TrainConfig flags given on the command line
+        if key != "seed" and known.get(key) != value:
+            value = " ".join(value) if isinstance(value, list) else value
+            parts.append(f"{flag(key)} {value}")
     if rec["train"].get("seed", 0):
         parts.append(f"--seed {rec['train']['seed']}")
-    if rec["train"].get("eval_every") != BASE["eval_every"]:
-        parts.append(f"--eval-every {rec['train']['eval_every']}")
     if rec["exp"] != base:
         parts.append(f"--name {rec['exp']}")
     return " ".join([*parts, f"--seconds {rec['seconds']:.0f}", f"--threads {rec['threads']}"])
@@ -397,7 +459,42 @@ def report(path: Path) -> str:
         )
     if old:
         out.append(f"\n({len(old)} v1 record(s) skipped: their table is in recovery.md)")
+    reached = [r for r in rows if "tokens_to_reference" in r]
+    if reached:
+        out += ["", "| experiment | layers | tokens trained | " + " | ".join(
+            f"{s}: reference (loop windows) / final / tokens to reference" for s in sets
+        ) + " |", "|---|---|---|" + "---|" * len(sets)]  # fmt: skip
+        for r in reached:
+            cells = []
+            for s, key in zip(sets, ("val_loss", sets[-1]), strict=True):
+                hit = r["tokens_to_reference"][s]
+                last = r["curve"][-1][key] if r["curve"] else float("nan")
+                when = f"{hit:,}" if hit is not None else f"not within {r['tokens']:,}"
+                cells.append(f"{r['loop_reference'][s]:.3f} / {last:.3f} / {when}")
+            layers = r["knobs"]["layers"] + bool(r["knobs"].get("bridge"))
+            out.append(f"| {r['exp']} | {layers} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def plot_curves(path: Path, png_stem: Path) -> list[Path]:
+    """One plot per validation set: every record's loop curve (tokens trained on x) and the
+    reference's loss on the same windows; written to ``png_stem``-SET.png."""
+    from inheritune import plots
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("loop_reference") and r.get("curve")]
+    if not rows:
+        return []
+    written = []
+    for s, key in zip(rows[0]["loop_reference"], ("val_loss", None), strict=True):
+        key = key or s
+        curves = {r["exp"]: ([c["tokens"] for c in r["curve"]], [c[key] for c in r["curve"]])
+                  for r in rows}  # fmt: skip
+        png = png_stem.parent / f"{png_stem.name}-{s}.png"
+        ref = statistics.fmean(r["loop_reference"][s] for r in rows)
+        plots.plot_curves(curves, png, title=f"validation loss on {s}", reference=ref)
+        written.append(png)
+    return written
 
 
 # ----------------------------------------------------------------------------- command line
@@ -426,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="jsonl the run is appended to")
     ap.add_argument("--list", action="store_true", help="list the experiments")
     ap.add_argument("--report", action="store_true", help="markdown table of --results")
+    ap.add_argument("--curves", type=Path, help="with --report: also plot the curves (PNG stem)")
     group = ap.add_argument_group("training settings (TrainConfig; override the experiment's)")
     add_dataclass_args(group, TrainConfig)
     args = ap.parse_args(argv)
@@ -438,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.results.is_file():
             ap.error(f"--results: no such file: {args.results}")
         print(report(args.results))
+        if args.curves:
+            for png in plot_curves(args.results, args.curves):
+                print(f"\n![{png.stem}]({png.name})")
         return 0
     if not args.exp:
         ap.error("--exp is required (see --list)")

@@ -41,10 +41,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from inheritune import assets, checkpoint, data, models, surgery
+from inheritune import assets, checkpoint, data, models, readers, surgery
 from inheritune.compare import CompareConfig
 from inheritune.config import dataclass_from_dict, flat_dict, load_yaml, to_dict
-from inheritune.recipe import RecipeConfig
+from inheritune.recipe_config import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "src" / "inheritune" / "presets"
@@ -100,7 +100,7 @@ def log(msg: str) -> None:
 def corpus_text() -> list[str]:
     """The embedded corpus's documents in the order data.py tokenises them."""
     source = data.resolve_data(str(assets.ensure_default_corpus()))
-    return list(data.iter_documents(source))
+    return list(readers.iter_documents(source))
 
 
 def train_tokenizer(folder: Path, vocab: int) -> dict:

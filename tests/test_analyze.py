@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, tiny_model
-from inheritune import analyze, cli, data, models
+from inheritune import analysis_report, cli, data, models
+from inheritune.analysis_report import AnalysisResult
 from inheritune.analyze import AnalyzeConfig, run_analysis
 from inheritune.config import ConfigError
 
@@ -98,27 +99,6 @@ def test_weights_missing_is_an_error_not_silence():
         run_analysis(model, np.ones((2, 8), dtype=np.int64), progress=False)
 
 
-def test_result_derived_fields():
-    rank = np.array([[3.0, 2.0], [1.0, 1.02], [1.0, 5.0], [1.0, 1.0]])
-    result = analyze.AnalysisResult(
-        model="m",
-        input_ids=np.zeros((2, 5), dtype=np.int64),
-        rank=rank,
-        mass=rank + 1,
-        top_share=np.full_like(rank, 0.5),
-        rank1_frac=np.zeros_like(rank),
-    )
-    assert result.max_rank.tolist() == [3.0, 1.02, 5.0, 1.0]  # max over heads
-    np.testing.assert_allclose(result.avg_mass, [3.5, 2.01, 4.0, 2.0])  # mean over heads
-    assert result.lazy_layers == [1, 3]
-    assert result.groups == [(1, 1), (3, 3)]
-    assert result.half_depth == 2
-    assert result.suggested_depth == 2  # no group of >= 2 layers: paper default
-    d = result.to_dict()
-    assert [layer["lazy"] for layer in d["layers"]] == [False, True, False, True]
-    assert "1 + 0.05" in d["rules"]["lazy_layer"]
-
-
 def test_rank_of_mean_agrees_with_independent_computation(tmp_path):
     model = sharpened("llama", layers=2)
     ids = np.random.default_rng(2).integers(3, 320, size=(5, 16))
@@ -138,8 +118,8 @@ def test_rank_of_mean_agrees_with_independent_computation(tmp_path):
     assert d["layers"][1]["max_rank_of_mean"] == want[1].max()
     assert d["layers"][1]["rank_per_head"] == result.rank[1].tolist()  # the paper's stays as is
     assert "mean over the windows of A" in d["definitions"]["rank_of_mean"]
-    assert analyze.AnalysisResult.from_dict(d).to_dict() == d
-    paths = analyze.write_report(result, tmp_path / "r")
+    assert AnalysisResult.from_dict(d).to_dict() == d
+    paths = analysis_report.write_report(result, tmp_path / "r")
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["rank_of_mean"]) for r in rows[4:8]] == want[1].tolist()
@@ -151,27 +131,6 @@ def test_rank_of_mean_agrees_with_independent_computation(tmp_path):
     np.testing.assert_array_equal(
         [layer["rank_per_head"] for layer in plain["layers"]], result.rank
     )
-
-
-def test_report_states_definitions_and_numbering():
-    result = analyze.AnalysisResult(
-        model="m",
-        input_ids=np.zeros((2, 5), dtype=np.int64),
-        rank=np.ones((2, 3)),
-        mass=np.ones((2, 3)),
-        top_share=np.ones((2, 3)),
-        rank1_frac=np.ones((2, 3)),
-        tau=0.8,
-        eta=0.95,
-    )
-    d = result.to_dict()
-    assert d["layer_numbering"] == "0-based (paper plots number from 1)"
-    defs = d["definitions"]
-    assert defs["tau"] == 0.8 and defs["eta"] == 0.95
-    assert "squared singular values" in defs["spectral_energy"]
-    assert "mean over the windows of k*" in defs["rank"]
-    assert "squared column norms" in defs["mass"]
-    assert "numbered from 0" in analyze.summary_table(result)
 
 
 # ---- the command -------------------------------------------------------------------------
@@ -217,7 +176,7 @@ def test_cli_end_to_end_and_report(tiny_folder, corpus_file, tmp_path, tokenizer
     for name in ("rank_heatmap.png", "layers.png"):
         assert (out / name).stat().st_size > 1000
     assert "num_seqs: 6" in (out / "config.yaml").read_text()
-    back = analyze.load_report(out)
+    back = analysis_report.load_report(out)
     np.testing.assert_array_equal(back.input_ids, ids)
     np.testing.assert_allclose(back.rank, rank)
     assert back.to_dict() == report

@@ -1,4 +1,5 @@
-"""The bridge block (bridge.py) and fresh parts (surgery.fresh_parts) on tiny random models."""
+"""The bridge block (bridge.py, its hooks in activations.py) and fresh parts (surgery.fresh_parts)
+on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from conftest import ARCHS, tiny_model
-from inheritune import bridge, cli, surgery
+from inheritune import activations, bridge, cli, surgery
 from inheritune.arch import get_arch
-from inheritune.config import ConfigError
+from inheritune.config import ConfigError, build
+from inheritune.inherit import InheritConfig
 
 L = 4  # reference depth
 K = 2  # inherited depth
@@ -60,7 +62,7 @@ CFG = dict(
 def test_collect_states_are_the_truncated_and_full_streams(arch):
     ref = reference(arch)
     ids = windows(3, 10)
-    h_k, h_full = bridge.collect_states(ref, ids, K, batch_size=2)
+    h_k, h_full = activations.collect_states(ref, ids, K, batch_size=2)
     assert h_k.shape == h_full.shape == (3, 10, ref.config.hidden_size)
     torch.testing.assert_close(h_k, final_norm_input(surgery.first_layers(ref, K), ids))
     torch.testing.assert_close(h_full, final_norm_input(ref, ids))
@@ -72,8 +74,8 @@ def test_block_runner_calls_a_block_exactly_as_the_model_does(arch):
     (rotary embeddings, masks and per-layer attention types captured from the model's forward)."""
     ref = reference(arch)
     ids = windows(2, 12)
-    entering, _ = bridge.collect_states(ref, ids, L - 1)
-    runner = bridge.BlockRunner(ref, L - 1)
+    entering, _ = activations.collect_states(ref, ids, L - 1)
+    runner = activations.BlockRunner(ref, L - 1)
     with torch.no_grad():
         torch.testing.assert_close(runner(entering), final_norm_input(ref, ids))
 
@@ -160,14 +162,19 @@ def test_bridge_config_names_the_flag():
 
 
 def test_inherit_config_validates_the_bridge_fields():
+    block = bridge.BridgeConfig(bridge="block")
     with pytest.raises(ConfigError, match="--bridge-steps"):
-        surgery.InheritConfig(num_layers=2, bridge="block", bridge_steps=-1)
+        InheritConfig(num_layers=2, bridging=bridge.BridgeConfig(bridge="block", bridge_steps=-1))
+    with pytest.raises(ConfigError, match="--bridge-steps"):  # the flat flags reach it too
+        build(InheritConfig, num_layers=2, bridge="block", bridge_steps=-1)
     with pytest.raises(ConfigError, match="needs --num-layers"):
-        surgery.InheritConfig(layers="0,2", bridge="block")
+        InheritConfig(layers="0,2", bridging=block)
     with pytest.raises(ConfigError, match="no --fresh"):
-        surgery.InheritConfig(num_layers=2, bridge="block", fresh=["final_norm"])
-    cfg = surgery.InheritConfig(num_layers=2, bridge="block", calib_tokens=512)
-    assert bridge.bridge_config(cfg).calib_windows == 4
+        InheritConfig(num_layers=2, bridging=block, fresh=["final_norm"])
+    cfg = InheritConfig(
+        num_layers=2, bridging=bridge.BridgeConfig(bridge="block", calib_tokens=512)
+    )
+    assert cfg.bridging.calib_windows == 4
 
 
 def test_inherit_cli_with_a_bridge(tiny_folder, corpus_file, tmp_path, capsys):

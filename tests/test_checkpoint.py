@@ -1,17 +1,13 @@
-"""Checkpoints: atomic writes, manifest verification, fallback to the previous good checkpoint,
-pickle-free optimizer and RNG state that round-trips exactly."""
+"""Checkpoints: atomic writes, manifest verification, fallback to the previous good checkpoint
+(the optimizer and RNG state inside them: test_train_state.py)."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
-import torch
 
 from conftest import CORPUS_TEXT, tiny_model
 from inheritune import checkpoint as ckpt
-from inheritune import data, optim
+from inheritune import data, train_state
 from inheritune import train as T
 
 
@@ -81,7 +77,7 @@ def test_half_written_checkpoint_refused(run):
         ckpt.verify_checkpoint(root / "step-00000006")
     (root / "step-00000004" / "optimizer.safetensors").unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing"):
-        ckpt.load_training_state(root / "step-00000004")
+        train_state.load_training_state(root / "step-00000004")
     with pytest.warns(UserWarning, match="refused 2"):
         assert ckpt.find_resume_checkpoint(cfg.out).name == "step-00000002"
     _flip_byte(root / "step-00000002" / "trainer_state.json")
@@ -125,32 +121,3 @@ def test_prune_keeps_last_n_and_latest(tmp_path):
     ckpt.atomic_write_text(root / ckpt.LATEST, ckpt.step_name(4))
     ckpt.prune(root, 2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000003", "step-00000004"]
-
-
-def test_optimizer_and_rng_round_trip(tmp_path):
-    model = tiny_model("llama")
-    cfg = T.TrainConfig()
-    opt = optim.make_optimizer(model, cfg, fsdp=False)
-    model(torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
-    opt.step()
-    sd = ckpt.optimizer_state(model, opt, fsdp=False)
-    assert "model.embed_tokens.weight" in sd["state"]
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    tensors, scalars = ckpt.rng_state()
-    ckpt.save_training_state(tmp_path, sd, {"step": 1}, tensors, scalars)
-    ckpt.write_manifest(tmp_path)
-    expected = (random.random(), np.random.rand(), torch.rand(1))
-    opt_sd, state, rt, rs = ckpt.load_training_state(tmp_path)
-    assert state["step"] == 1
-    ckpt.set_rng_state(rt, rs)
-    assert (random.random(), np.random.rand()) == expected[:2]
-    assert torch.equal(torch.rand(1), expected[2])
-    opt2 = optim.make_optimizer(model, cfg, fsdp=False)
-    ckpt.load_optimizer_state(model, opt2, opt_sd, fsdp=False)
-    a, b = opt.state_dict(), opt2.state_dict()
-    assert a["param_groups"] == b["param_groups"]
-    for i, st in a["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["state"][i][k]), (i, k)

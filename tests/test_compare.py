@@ -49,7 +49,7 @@ def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(compare_mod, "train_model", boom)
+    monkeypatch.setattr(baselines, "train_model", boom)
 
 
 def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsys):
@@ -142,9 +142,9 @@ def test_cached_variants_are_skipped_and_changes_refused(
     first = compare(cfg)
 
     calls = []
-    real = compare_mod.train_model
+    real = baselines.train_model
     monkeypatch.setattr(
-        compare_mod, "train_model", lambda *a, **k: calls.append(a[3].out) or real(*a, **k)
+        baselines, "train_model", lambda *a, **k: calls.append(a[3].out) or real(*a, **k)
     )
     again = compare(cfg)
     assert calls == []  # both finished: nothing retrained
@@ -199,9 +199,9 @@ def test_unfinished_variant_resumes_from_its_checkpoint(
     assert manifest.is_file()
 
     seen = []
-    real = compare_mod.train_model
+    real = baselines.train_model
     monkeypatch.setattr(
-        compare_mod, "train_model", lambda *a, **k: seen.append(a[3].resume) or real(*a, **k)
+        baselines, "train_model", lambda *a, **k: seen.append(a[3].resume) or real(*a, **k)
     )
     resumed = compare(cfg(tmp_path / "a")).rows[0]
     assert seen == [True]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from inheritune import cli
 from inheritune.config import ConfigError, build, flag, flag_fields, flat_dict, to_dict
-from inheritune.recipe import RecipeConfig
+from inheritune.recipe_config import RecipeConfig
 from inheritune.train import TrainConfig
 
 # A valid starting point per command (fields every config needs to be buildable at all).

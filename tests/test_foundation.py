@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from inheritune import assets, cli, data, models
+from inheritune import assets, cli, data, models, readers
 
 
 def test_help_lists_every_command(capsys):
@@ -193,11 +193,11 @@ def test_data_kinds(tmp_path, tokenizer, corpus_file):
     assert len(data.resolve_data(str(folder)).files) == 2
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"text": "one doc"}) + "\n" + json.dumps({"text": "two"}) + "\n")
-    assert list(data.iter_documents(data.resolve_data(str(jl)))) == ["one doc", "two"]
+    assert list(readers.iter_documents(data.resolve_data(str(jl)))) == ["one doc", "two"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(data.DataError, match="'text'"):
-        list(data.iter_documents(data.resolve_data(str(bad))))
+        list(readers.iter_documents(data.resolve_data(str(bad))))
     toks = data.load_tokens(str(corpus_file), tokenizer)
     assert toks.meta["dtype"] == "uint16"
     assert len(toks.train) + len(toks.val) == len(toks.ids)
@@ -243,7 +243,7 @@ def test_hf_datasets_local_files(tmp_path, tokenizer):
     for path in (pq, js):
         source = data.resolve_data(str(path))
         assert source.kind == "hf"
-        assert list(data.iter_documents(source)) == rows["text"]
+        assert list(readers.iter_documents(source)) == rows["text"]
     toks = data.load_tokens(str(pq), tokenizer)
     expected = [
         *tokenizer(rows["text"][0], add_special_tokens=False)["input_ids"],

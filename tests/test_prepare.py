@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS_TEXT
-from inheritune import cli, data
+from inheritune import cli, data, readers
 from inheritune.config import ConfigError
 from inheritune.prepare import PrepareConfig, prepare_tokens
 
@@ -85,11 +85,11 @@ def test_jsonl_folder_and_empty_document(tmp_path, tokenizer):
 def test_long_txt_is_streamed_in_pieces(tmp_path, monkeypatch, tokenizer):
     """A .txt longer than a piece is cut at line ends (or character boundaries), never inside a
     UTF-8 sequence; only its last piece ends the document; nothing is lost or doubled."""
-    monkeypatch.setattr(data, "PIECE_BYTES", 64)
+    monkeypatch.setattr(readers, "PIECE_BYTES", 64)
     text = "".join(LINES) * 3 + "ééé" * 40 + "\r\nlast line without newline"
     p = tmp_path / "long.txt"
     p.write_bytes(text.encode("utf-8"))
-    pieces = list(data.iter_pieces(data.resolve_data(str(p))))
+    pieces = list(readers.iter_pieces(data.resolve_data(str(p))))
     assert len(pieces) > 5
     assert "".join(x.text for x in pieces) == text.replace("\r\n", "\n")
     assert [x.end for x in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -101,15 +101,15 @@ def test_long_txt_is_streamed_in_pieces(tmp_path, monkeypatch, tokenizer):
 
 
 def test_invalid_utf8_txt_refused_unless_lossy(tmp_path, monkeypatch, tokenizer):
-    monkeypatch.setattr(data, "PIECE_BYTES", 64)
+    monkeypatch.setattr(readers, "PIECE_BYTES", 64)
     good = ("".join(LINES)).encode()
     p = tmp_path / "bad.txt"
     p.write_bytes(good + b"caf\xe9 au lait\n" + good)
     with pytest.raises(data.DataError) as e:
-        list(data.iter_pieces(data.resolve_data(str(p))))
+        list(readers.iter_pieces(data.resolve_data(str(p))))
     msg = str(e.value)
     assert str(p) in msg and f"byte {len(good) + 3}" in msg and "--lossy-text" in msg
-    pieces = list(data.iter_pieces(data.resolve_data(str(p), lossy_text=True)))
+    pieces = list(readers.iter_pieces(data.resolve_data(str(p), lossy_text=True)))
     assert "caf\ufffd au lait" in "".join(x.text for x in pieces)
 
 
@@ -135,19 +135,21 @@ def test_jsonl_lines_without_text_refused(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"body": "x", "id": 3}) + "\n")
     with pytest.raises(data.DataError) as e:
-        list(data.iter_pieces(data.resolve_data(str(p))))
+        list(readers.iter_pieces(data.resolve_data(str(p))))
     assert (
         f"{p}:3" in str(e.value) and "'text'" in str(e.value) and "['body', 'id']" in str(e.value)
     )
     p.write_text(json.dumps({"body": "x", "id": 3}) + "\n")
-    assert [x.text for x in data.iter_pieces(data.resolve_data(str(p), text_field="body"))] == ["x"]
+    assert [x.text for x in readers.iter_pieces(data.resolve_data(str(p), text_field="body"))] == [
+        "x"
+    ]
     p.write_text(json.dumps({"text": None}) + "\n")
     with pytest.raises(data.DataError, match=r":1: field 'text' holds NoneType, not text"):
-        list(data.iter_pieces(data.resolve_data(str(p))))
+        list(readers.iter_pieces(data.resolve_data(str(p))))
     p.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(data.DataError, match=r"d\.jsonl:1: not valid UTF-8 at byte 13"):
-        list(data.iter_pieces(data.resolve_data(str(p))))
-    assert [x.text for x in data.iter_pieces(data.resolve_data(str(p), lossy_text=True))] == [
+        list(readers.iter_pieces(data.resolve_data(str(p))))
+    assert [x.text for x in readers.iter_pieces(data.resolve_data(str(p), lossy_text=True))] == [
         "caf\ufffd"
     ]
 
@@ -164,10 +166,10 @@ def test_parquet_without_column_refused(tmp_path):
     pytest.importorskip("datasets")
     pq = _parquet(tmp_path / "p.parquet", "body", ["a", "b"])
     with pytest.raises(data.DataError) as e:
-        list(data.iter_pieces(data.resolve_data(str(pq))))
+        list(readers.iter_pieces(data.resolve_data(str(pq))))
     assert str(pq) in str(e.value) and "no 'text' column" in str(e.value)
     assert "['body', 'n']" in str(e.value)
-    assert [x.text for x in data.iter_pieces(data.resolve_data(str(pq), text_field="body"))] == [
+    assert [x.text for x in readers.iter_pieces(data.resolve_data(str(pq), text_field="body"))] == [
         "a",
         "b",
     ]
@@ -183,14 +185,14 @@ def test_hub_path_on_a_local_repository(tmp_path, tokenizer):
     _parquet(repo / "data" / "train-00001-of-00002.parquet", "text", docs[5:])
     source = data.resolve_data(f"hf:{repo}")
     assert source.kind == "hf" and not source.files
-    assert [x.text for x in data.iter_pieces(source)] == docs
+    assert [x.text for x in readers.iter_pieces(source)] == docs
     prepare_tokens(source, tokenizer, tmp_path / "t", num_proc=2, shard_mb=TINY_SHARD_MB)
     np.testing.assert_array_equal(_ids(tmp_path / "t"), _reference(tokenizer, docs))
     # the same function refuses a repository without the column, naming what it has
     other = tmp_path / "other"
     _parquet(other / "data" / "train-00000-of-00001.parquet", "content", docs[:2])
     with pytest.raises(data.DataError, match=r"hub dataset .*no 'text' column.*'content'"):
-        list(data.iter_pieces(data.resolve_data(f"hf:{other}")))
+        list(readers.iter_pieces(data.resolve_data(f"hf:{other}")))
 
 
 def test_hub_spec_parsing():

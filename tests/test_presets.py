@@ -14,7 +14,7 @@ import pytest
 import inheritune
 from inheritune import recipe
 from inheritune.config import dataclass_from_dict, flat_dict, load_yaml, to_dict
-from inheritune.recipe import RecipeConfig
+from inheritune.recipe_config import RecipeConfig
 
 ALL_PRESETS = sorted((Path(inheritune.__file__).parent / "presets").glob("*.yaml"))
 # `compare-*.yaml` and `*-compare.yaml` are presets of `inheritune compare` (CompareConfig); the
@@ -100,7 +100,7 @@ def test_demo_preset_is_sized_for_the_cpu_demo():
     cfg = dataclass_from_dict(RecipeConfig, load_yaml(path), where=str(path))
     assert (cfg.train.model, cfg.train.data) == ("smollm2-135m", "shakespeare")
     assert cfg.min_rounds >= 2  # the demo always shows a growth step
-    assert cfg.train.precision == "fp32" and not cfg.train.compile
+    assert cfg.train.precision == "bf16" and not cfg.train.compile  # AMX: see the preset
     assert recipe.choose_init_depth(cfg.init_depth, 30, None) + cfg.grow_by <= 29
 
 

@@ -22,7 +22,7 @@ from inheritune import cli, data, growth, losses, models, optim, recipe, report,
 from inheritune import train as train_mod
 from inheritune.arch import get_arch
 from inheritune.config import ConfigError, build, flag_fields, load_yaml, to_dict
-from inheritune.recipe import RecipeConfig
+from inheritune.recipe_config import RecipeConfig
 
 TINY_RUN = {
     "init_depth": "2",
@@ -62,9 +62,9 @@ def _spy_training(monkeypatch) -> list[train_mod.TrainConfig]:
     calls: list[train_mod.TrainConfig] = []
     real = train_mod.train_model
 
-    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None):
+    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None, extra_eval=None):
         calls.append(cfg)
-        return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
+        return real(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
 
     monkeypatch.setattr(recipe, "train_model", spy)
     return calls
@@ -282,9 +282,9 @@ def test_warm_growth_starts_round_two_from_round_one(tiny_run, monkeypatch):
     starts = []
     real = train_mod.train_model
 
-    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None):
+    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None, extra_eval=None):
         starts.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
+        return real(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
 
     monkeypatch.setattr(recipe, "train_model", spy)
     res = recipe.run(tiny_run(growth="warm"))
@@ -302,9 +302,9 @@ def test_distillation_uses_the_reference_as_teacher(tiny_run, monkeypatch):
     teachers = []
     real = train_mod.train_model
 
-    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None):
+    def spy(model, tokenizer, tokens, cfg, teacher=None, desc=None, extra_eval=None):
         teachers.append(teacher)
-        return real(model, tokenizer, tokens, cfg, teacher=teacher, desc=desc)
+        return real(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
 
     monkeypatch.setattr(recipe, "train_model", spy)
     recipe.run(tiny_run(distill_alpha=0.4, min_rounds=1, max_rounds=1))

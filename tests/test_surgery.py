@@ -13,6 +13,7 @@ from conftest import ARCHS, FAMILIES, tiny_model
 from inheritune import cli, surgery
 from inheritune.arch import get_arch
 from inheritune.config import ConfigError, dataclass_from_dict
+from inheritune.inherit import InheritConfig, inherit
 
 L = 4  # reference depth used throughout
 
@@ -416,17 +417,15 @@ def test_inherit_cli_writes_a_loadable_folder(arch, tiny_folder, tmp_path, capsy
     assert prov["parts"] == "block" and prov["reference"] == str(ref_dir)
     assert prov["parameters"]["target"] < prov["parameters"]["reference"]
     resolved = dataclass_from_dict(
-        surgery.InheritConfig, yaml.safe_load((out / "inheritune.yaml").read_text())
+        InheritConfig, yaml.safe_load((out / "inheritune.yaml").read_text())
     )
     assert resolved.num_layers == 2 and resolved.out == str(out)
 
 
 def test_inherit_explicit_layers_and_parts(tiny_folder, tmp_path):
     ref_dir = tiny_folder("llama", layers=L)
-    cfg = surgery.InheritConfig(
-        model=str(ref_dir), layers="0,3", parts="attn", out=str(tmp_path / "t")
-    )
-    out = surgery.inherit(cfg)
+    cfg = InheritConfig(model=str(ref_dir), layers="0,3", parts="attn", out=str(tmp_path / "t"))
+    out = inherit(cfg)
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["kept_layers"] == [0, 3] and prov["parts"] == "attn"
 

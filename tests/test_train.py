@@ -312,3 +312,23 @@ def test_eval_every_zero_evaluates_at_start_and_end(tmp_path, tokenizer, tokens)
     )
     res = T.train_model(tiny_model("llama"), tokenizer, tokens, cfg)
     assert [e["step"] for e in res.evals] == [0, 3]
+
+
+def test_extra_eval_scored_at_every_evaluation(tmp_path, tokenizer, tokens):
+    """extra_eval: another corpus's fixed windows are scored at each evaluation; the first and
+    last numbers equal an independent evaluation of the start and the trained model, and the
+    log and the loss plot carry the curve."""
+    other = data.eval_windows(tokens, SEQ, 4 * SEQ)[:, ::-1].copy()  # different sequences
+    model = tiny_model("llama")
+    start = losses.evaluate_loss(copy.deepcopy(model), other, 4)
+    res = T.train_model(
+        model, tokenizer, tokens, cfg_for(tmp_path / "run"), extra_eval={"rev": other}
+    )
+    curve = [e["extra"]["rev"] for e in res.evals]
+    assert [e["step"] for e in res.evals] == [0, 4, 8] and len(set(curve)) == 3
+    assert curve[0] == pytest.approx(start, rel=1e-6)
+    assert curve[-1] == pytest.approx(losses.evaluate_loss(model, other, 4), rel=1e-6)
+    logged = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    assert [r["extra"]["rev"] for r in logged if r["kind"] == "eval"] == curve

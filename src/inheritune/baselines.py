@@ -1,8 +1,11 @@
 """The baselines and pruning alternatives ``inheritune compare`` trains beside Inheritune.
 
 Each variant is a model of depth ``l`` (the comparison depth) built from the reference in its own
-way (:func:`build_initial`); :mod:`inheritune.compare` trains them all with one shared
-:class:`~inheritune.train.TrainConfig`. The variants (paper section 3 and the layer-pruning literature):
+way (:func:`build_initial`) and trained with the one :class:`~inheritune.train.TrainConfig` that
+:mod:`inheritune.compare` shares between them all (:func:`run_variant`: one training stage, or
+stacking's two). A variant's ``spec.json`` (:func:`variant_spec`: what shapes its result) and
+``result.json`` cache it: a finished variant is not trained again, an unfinished one resumes.
+The variants (paper section 3 and the layer-pruning literature):
 
 =================  ===============================================================  ======
 name               initial model                                                    budget
@@ -33,16 +36,25 @@ Layers are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots numb
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
-from inheritune import scoring, surgery
+from inheritune import bridge, models, scoring, surgery
+from inheritune import checkpoint as ckpt
 from inheritune.arch import get_arch
-from inheritune.config import ConfigError
+from inheritune.config import ConfigError, to_dict
+from inheritune.data import sample_windows
+from inheritune.train import train_model
+
+if TYPE_CHECKING:  # compare.py builds on this module
+    from inheritune.compare import CompareConfig
 
 
 @dataclass(frozen=True)
@@ -204,3 +216,182 @@ def layer_ranges(idx: list[int]) -> str:
         parts.append(str(start) if start == prev else f"{start}-{prev}")
         start = prev = i
     return ",".join(parts) if idx else "-"
+
+
+# --------------------------------------------------------------------------- caching
+
+RESULT_JSON = "result.json"
+SPEC_JSON = "spec.json"
+
+
+def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
+    """Everything that shapes one variant's result; a cached result must match it exactly."""
+    v = VARIANTS[name]
+    train = to_dict(cfg.train_config("", cfg.train.steps, v.distill))
+    for key in ("out", "resume", "dist_timeout", "tensorboard"):  # no effect on the result
+        train.pop(key, None)
+    spec: dict[str, Any] = {"variant": name, "depth": depth, "train": train}
+    if v.score:
+        spec["calibration"] = {"windows": cfg.calib_windows, "seq_len": cfg.calib_seq_len}
+    if name == "inheritune" and cfg.bridging.bridge != "none":
+        spec["bridge"] = to_dict(cfg.bridging)
+    if v.score == "angular_distance":
+        spec["calibration"]["angular_tokens"] = cfg.angular_tokens
+    return ckpt.canonical(spec)
+
+
+def is_cached(folder: Path, spec: dict[str, Any]) -> bool:
+    """True when ``folder`` holds a finished result for ``spec``; error on a different one."""
+    try:
+        ckpt.read_cached(folder / SPEC_JSON, spec)  # an unfinished run of other settings
+        return ckpt.read_cached(folder / RESULT_JSON, spec) is not None
+    except ckpt.StaleCacheError as e:
+        raise ConfigError(f"{folder} holds a run with different settings: {e}") from None
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"{e} (the variant in {folder} is re-run once it is deleted)") from None
+
+
+# --------------------------------------------------------------------------- running variants
+
+
+@dataclass
+class RunContext:
+    """What every variant's run shares: the settings, the reference, its data, the depth and
+    the results folder; the pruning scores are computed on first use."""
+
+    cfg: CompareConfig
+    reference: nn.Module
+    tokenizer: Any
+    tokens: Any
+    depth: int
+    num_layers: int
+    out: Path
+    _scores: dict[str, list[float]] | None = None
+
+    def scores(self) -> dict[str, list[float]]:
+        """Layer scores of the reference on calibration windows, computed once and cached."""
+        if self._scores is None:
+            self._scores = self._load_or_compute_scores()
+        return self._scores
+
+    def _load_or_compute_scores(self) -> dict[str, list[float]]:
+        cfg, path = self.cfg, self.out / "scores.json"
+        spec = {
+            "model": cfg.train.model,
+            "data": cfg.train.data,
+            "seed": cfg.train.seed,
+            "windows": cfg.calib_windows,
+            "seq_len": cfg.calib_seq_len,
+            "drop": self.num_layers - self.depth,
+            "angular_tokens": cfg.angular_tokens,
+        }
+        cached = ckpt.read_cached(path, spec, strict=False)
+        if cached is not None:
+            return cached["scores"]
+        # Calibration data from the training split: the validation windows stay unseen.
+        windows = sample_windows(
+            self.tokens.train, cfg.calib_windows, cfg.calib_seq_len, cfg.train.seed
+        )
+        drop = self.num_layers - self.depth
+        scores = layer_scores(self.reference, windows, drop, cfg.angular_tokens)
+        ckpt.write_cached(path, spec, {"scores": scores})
+        return scores
+
+
+def _train_stage(
+    ctx: RunContext, model: nn.Module, folder: Path, steps: int, v: Variant, desc: str
+):
+    """Train one stage into ``folder``; ``<folder>.json`` beside it caches the finished stage.
+
+    An unfinished stage resumes from its latest checkpoint (weights, optimizer, data position);
+    a finished one keeps only its final model (``folder/final``) and logs.
+    """
+    cached = folder.with_suffix(".json")
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    tcfg = ctx.cfg.train_config(folder, steps, v.distill)
+    teacher = ctx.reference if v.distill else None
+    res = train_model(model, ctx.tokenizer, ctx.tokens, tcfg, teacher=teacher, desc=desc)
+    if res.interrupted:
+        print(f"compare: stopped in {folder} at step {res.steps}; rerun the same command to resume")
+        raise SystemExit(128 + res.stop_signal)
+    stage = {
+        "steps": res.steps,
+        "tokens": res.tokens,
+        "wall_s": res.wall_s,
+        "tokens_per_s": res.tokens_per_s,
+        "final_dir": str(res.final_dir),
+        "evals": [dict(e) for e in res.evals],
+    }
+    ckpt.atomic_write_json(cached, stage)
+    # Finished stages are cached by stage.json + final/; their checkpoints (weights plus AdamW
+    # state, ~4x the model) are only needed to resume, so free the disk now.
+    shutil.rmtree(ckpt.checkpoints_root(folder), ignore_errors=True)
+    if res.stop_signal:  # a signal during the final eval/save: the stage finished, then stop
+        print(f"compare: stopped after finishing {folder}; rerun the same command to go on")
+        raise SystemExit(128 + res.stop_signal)
+    return stage
+
+
+def run_variant(ctx: RunContext, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Build, train and record one variant in ``out/<name>``; returns its result.json dict."""
+    v, cfg, folder = VARIANTS[name], ctx.cfg, ctx.out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.write_cached(folder / SPEC_JSON, spec, {})
+    extra: dict[str, Any] = {}
+    if name == "stacking":
+        half = ctx.depth // 2
+        small = surgery.random_init(ctx.reference.config, half, seed=cfg.train.seed)
+        s1 = _train_stage(
+            ctx, small, folder / "stage1", cfg.train.steps, v, f"{name} 1/2 ({half}L)"
+        )
+        trained = models.load_model(s1["final_dir"])
+        # Gong et al. 2019 copy the whole trained stack on top of itself: [0..k-1, 0..k-1].
+        idx = list(range(half)) * 2
+        model = surgery.select_layers(trained, idx, allow_repeats=True)
+        info: dict[str, Any] = {"layers_from": None, "stacked": idx}
+        params = models.count_parameters(model)
+        s2 = _train_stage(
+            ctx, model, folder / "stage2", cfg.train.steps, v, f"{name} 2/2 ({ctx.depth}L)"
+        )
+        offset = s1["tokens"]
+        evals = s1["evals"] + [{**e, "tokens": e["tokens"] + offset} for e in s2["evals"]]
+        stages = [s1, s2]
+        extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
+    elif name == "inheritune" and cfg.bridging.bridge == "block":
+        ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
+        model, fit = bridge.build_bridged(
+            ctx.reference, ctx.depth - 1, ids, cfg.bridging, seed=cfg.train.seed
+        )
+        info = {"layers_from": list(range(ctx.depth - 1)), "depth": ctx.depth, "bridge": fit}
+        extra["bridge"] = fit
+        params = models.count_parameters(model)
+        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
+        evals, stages = s["evals"], [s]
+    else:
+        model, info = build_initial(ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores)
+        params = models.count_parameters(model)
+        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
+        evals, stages = s["evals"], [s]
+    layers = info.get("depth") or len(
+        info.get("stacked") or info["layers_from"] or range(ctx.depth)
+    )
+    result = {
+        "variant": name,
+        "description": v.description,
+        "budget": f"{v.budget}T",
+        "layers": layers,
+        "parameters": params,
+        "init": info,
+        "steps": sum(s["steps"] for s in stages),
+        "tokens": sum(s["tokens"] for s in stages),
+        "loss_before": evals[0]["val_loss"],
+        "loss_after": evals[-1]["val_loss"],
+        "evals": evals,
+        "wall_s": sum(s["wall_s"] for s in stages),
+        "tokens_per_s": [s["tokens_per_s"] for s in stages],
+        **extra,
+        "spec": spec,
+    }
+    ckpt.atomic_write_json(folder / RESULT_JSON, result)
+    return result

@@ -19,9 +19,10 @@ Usage::
     model, stats = build_bridged(ref, 15, ids, cfg)
     model.save_pretrained("runs/smol15-bridge")                         # 16 layers, plain HF
 
-The pieces are separate functions: :func:`collect_states` (one reference forward with hooks),
-:func:`fit_linear_map` (the closed-form reference point), :func:`add_bridge_block` (surgery),
-:func:`fit_bridge` (AdamW on the bridge block alone, the blocks below never run again).
+The pieces are separate functions: :func:`~inheritune.activations.collect_states` (one
+reference forward with hooks), :func:`fit_linear_map` (the closed-form reference point),
+:func:`add_bridge_block` (surgery), :func:`fit_bridge` (AdamW on the bridge block alone, run by
+:class:`~inheritune.activations.BlockRunner`; the blocks below never run again).
 
 Fit loss: next-token prediction only sees each token's direction after the final norm, so the
 loss is scale-invariant, 1 - cosine between the bridge's output and h_L per token, each first
@@ -33,10 +34,9 @@ that matters.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inheritune.arch import UnsupportedModelError, get_arch
+from inheritune.activations import BlockRunner, collect_states
+from inheritune.arch import get_arch
 from inheritune.config import ConfigError, check_positive, validate_numbers
 
 BRIDGES = ("none", "block")
@@ -60,8 +61,8 @@ def _h(text: str, **kw: Any) -> dict[str, Any]:
 
 @dataclass
 class BridgeConfig:
-    """How the bridge block is built and fitted (``--bridge block``); mirrored flat by the
-    configs of ``inherit`` (and ``run`` / ``compare``): :func:`bridge_config` reads them back."""
+    """How the bridge block is built and fitted (``--bridge block``); the configs of
+    ``inherit``, ``run`` and ``compare`` hold it as their ``bridging`` field (the same flags)."""
 
     bridge: str = field(
         default="none",
@@ -129,73 +130,7 @@ class BridgeConfig:
         return self.calib_tokens // self.calib_seq_len
 
 
-def bridge_config(cfg: Any) -> BridgeConfig:
-    """The :class:`BridgeConfig` held flat in another config (same field names)."""
-    return BridgeConfig(**{f.name: getattr(cfg, f.name) for f in fields(BridgeConfig)})
-
-
-def mirror(name: str) -> Any:
-    """A dataclass ``field`` with the default and help of BridgeConfig's field ``name``, so a
-    flat config (``InheritConfig``) can carry the bridge settings without restating them."""
-    (f,) = [f for f in fields(BridgeConfig) if f.name == name]
-    return field(default=f.default, metadata=dict(f.metadata))
-
-
-# --------------------------------------------------------------------------- activations
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward early once what it needed has been seen."""
-
-
-def _tensor(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-@torch.no_grad()
-def collect_states(
-    reference: nn.Module, windows: torch.Tensor | np.ndarray, depth: int, batch_size: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h_l, h_L), each (n, T, D) float32 on the CPU: the residual stream after the reference's
-    first ``depth`` blocks and after all of them (the final norm's input), on token ``windows``
-    (n, T). One forward per batch, blocks only (the head never runs)."""
-    arch = get_arch(reference)
-    if arch.final_norm is None:
-        raise UnsupportedModelError(
-            f"{type(reference).__name__} has no final norm; a bridge needs one"
-        )
-    if not 1 <= depth < arch.num_layers:
-        raise ConfigError(
-            f"a bridge needs 1 <= --num-layers < {arch.num_layers} (the reference's depth), "
-            f"got {depth}"
-        )
-    ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
-    device = next(reference.parameters()).device
-    low: list[torch.Tensor] = []
-    high: list[torch.Tensor] = []
-
-    def take_low(mod, args, out):
-        low.append(_tensor(out).detach().float().cpu())
-
-    def take_high(mod, args):
-        high.append(args[0].detach().float().cpu())
-        raise _Stop  # the final norm itself is not needed
-
-    hooks = [
-        arch.layers[depth - 1].register_forward_hook(take_low),
-        arch.final_norm.register_forward_pre_hook(take_high),
-    ]
-    was_training = reference.training
-    reference.eval()
-    try:
-        for s in range(0, len(ids), batch_size):
-            with contextlib.suppress(_Stop):
-                reference.base_model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        reference.train(was_training)
-    return torch.cat(low), torch.cat(high)
+# --------------------------------------------------------------------------- the linear map
 
 
 def _normalise(x: torch.Tensor, center: bool) -> torch.Tensor:
@@ -274,51 +209,6 @@ def add_bridge_block(model: nn.Module, depth: int, init: str = "last", seed: int
             f"--bridge-init next needs block {depth} after the kept ones, but the model has {n}"
         )
     return surgery.select_layers(model, [*range(depth), src], allow_repeats=True, seed=seed)
-
-
-class BlockRunner:
-    """Calls block ``i`` of ``model`` on given hidden states, alone.
-
-    A block's forward needs what the base model computes once per forward (rotary embeddings,
-    the causal mask of its attention type, position ids), whose form differs by family and
-    version. They are captured from the model's own forward by a pre-hook (per batch shape; the
-    forward stops there), so the block is called exactly as the model calls it.
-    """
-
-    def __init__(self, model: nn.Module, i: int):
-        self.model = model
-        self.block = get_arch(model).layers[i]
-        self._inputs: dict[tuple[int, int], tuple[tuple, dict]] = {}
-
-    @torch.no_grad()
-    def _capture(self, b: int, t: int) -> tuple[tuple, dict]:
-        if (b, t) not in self._inputs:
-            seen: list[tuple[tuple, dict]] = []
-
-            def grab(mod, args, kwargs):
-                seen.append((args[1:], dict(kwargs)))
-                raise _Stop
-
-            hook = self.block.register_forward_pre_hook(grab, with_kwargs=True)
-            device = next(self.model.parameters()).device
-            # any token will do (the inputs captured depend on the shape only), but not the pad
-            # token, which makes some families warn about a missing attention mask
-            token = 2 if getattr(self.model.config, "pad_token_id", None) == 1 else 1
-            try:
-                with contextlib.suppress(_Stop):
-                    self.model.base_model(
-                        input_ids=torch.full((b, t), token, dtype=torch.long, device=device),
-                        use_cache=False,
-                    )
-            finally:
-                hook.remove()
-            self._inputs[(b, t)] = seen[0]
-        return self._inputs[(b, t)]
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D) float32
-        args, kwargs = self._capture(*hidden.shape[:2])
-        p = next(self.block.parameters())
-        return _tensor(self.block(hidden.to(p.device, p.dtype), *args, **kwargs)).float()
 
 
 def state_loss(

@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
         "inheritune.train", "TrainConfig", "train", "train a model (one process or torchrun)"
     ),
     "inherit": Command(
-        "inheritune.surgery",
+        "inheritune.inherit",
         "InheritConfig",
         "inherit",
         "build a target from the reference's first layers",

@@ -29,25 +29,24 @@ others are listed as skipped with the reason (SmolLM2's 9 attention heads cannot
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from inheritune import bridge, inputs, mergekit, models, plots, scoring, surgery
 from inheritune import checkpoint as ckpt
+from inheritune import inputs, mergekit, models, plots, scoring
 from inheritune.baselines import (
+    RESULT_JSON,
     VARIANTS,
-    Variant,
-    build_initial,
+    RunContext,
     check_depth,
     default_depth,
     half_width_reason,
+    is_cached,
     layer_ranges,
-    layer_scores,
+    run_variant,
     unbuildable_reason,
+    variant_spec,
 )
 from inheritune.bridge import BridgeConfig
 from inheritune.config import (
@@ -58,12 +57,9 @@ from inheritune.config import (
     to_dict,
     validate_numbers,
 )
-from inheritune.data import eval_windows, sample_windows
+from inheritune.data import eval_windows
 from inheritune.losses import evaluate_loss
-from inheritune.train import TrainConfig, train_model
-
-RESULT_JSON = "result.json"
-SPEC_JSON = "spec.json"
+from inheritune.train import TrainConfig
 
 
 @dataclass
@@ -190,177 +186,6 @@ class CompareResult:
     plot: Path
 
 
-# --------------------------------------------------------------------------- caching
-
-
-def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
-    """Everything that shapes one variant's result; a cached result must match it exactly."""
-    v = VARIANTS[name]
-    train = to_dict(cfg.train_config("", cfg.train.steps, v.distill))
-    for key in ("out", "resume", "dist_timeout", "tensorboard"):  # no effect on the result
-        train.pop(key, None)
-    spec: dict[str, Any] = {"variant": name, "depth": depth, "train": train}
-    if v.score:
-        spec["calibration"] = {"windows": cfg.calib_windows, "seq_len": cfg.calib_seq_len}
-    if name == "inheritune" and cfg.bridging.bridge != "none":
-        spec["bridge"] = to_dict(cfg.bridging)
-    if v.score == "angular_distance":
-        spec["calibration"]["angular_tokens"] = cfg.angular_tokens
-    return ckpt.canonical(spec)
-
-
-def _is_cached(folder: Path, spec: dict[str, Any]) -> bool:
-    """True when ``folder`` holds a finished result for ``spec``; error on a different one."""
-    try:
-        ckpt.read_cached(folder / SPEC_JSON, spec)  # an unfinished run of other settings
-        return ckpt.read_cached(folder / RESULT_JSON, spec) is not None
-    except ckpt.StaleCacheError as e:
-        raise ConfigError(f"{folder} holds a run with different settings: {e}") from None
-    except ckpt.CheckpointError as e:
-        raise ConfigError(f"{e} (the variant in {folder} is re-run once it is deleted)") from None
-
-
-# --------------------------------------------------------------------------- running variants
-
-
-@dataclass
-class _Context:
-    cfg: CompareConfig
-    reference: nn.Module
-    tokenizer: Any
-    tokens: Any
-    depth: int
-    num_layers: int
-    out: Path
-    _scores: dict[str, list[float]] | None = None
-
-    def scores(self) -> dict[str, list[float]]:
-        """Layer scores of the reference on calibration windows, computed once and cached."""
-        if self._scores is None:
-            self._scores = self._load_or_compute_scores()
-        return self._scores
-
-    def _load_or_compute_scores(self) -> dict[str, list[float]]:
-        cfg, path = self.cfg, self.out / "scores.json"
-        spec = {
-            "model": cfg.train.model,
-            "data": cfg.train.data,
-            "seed": cfg.train.seed,
-            "windows": cfg.calib_windows,
-            "seq_len": cfg.calib_seq_len,
-            "drop": self.num_layers - self.depth,
-            "angular_tokens": cfg.angular_tokens,
-        }
-        cached = ckpt.read_cached(path, spec, strict=False)
-        if cached is not None:
-            return cached["scores"]
-        # Calibration data from the training split: the validation windows stay unseen.
-        windows = sample_windows(
-            self.tokens.train, cfg.calib_windows, cfg.calib_seq_len, cfg.train.seed
-        )
-        drop = self.num_layers - self.depth
-        scores = layer_scores(self.reference, windows, drop, cfg.angular_tokens)
-        ckpt.write_cached(path, spec, {"scores": scores})
-        return scores
-
-
-def _train_stage(ctx: _Context, model: nn.Module, folder: Path, steps: int, v: Variant, desc: str):
-    """Train one stage into ``folder``; ``<folder>.json`` beside it caches the finished stage.
-
-    An unfinished stage resumes from its latest checkpoint (weights, optimizer, data position);
-    a finished one keeps only its final model (``folder/final``) and logs.
-    """
-    cached = folder.with_suffix(".json")
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    tcfg = ctx.cfg.train_config(folder, steps, v.distill)
-    teacher = ctx.reference if v.distill else None
-    res = train_model(model, ctx.tokenizer, ctx.tokens, tcfg, teacher=teacher, desc=desc)
-    if res.interrupted:
-        print(f"compare: stopped in {folder} at step {res.steps}; rerun the same command to resume")
-        raise SystemExit(128 + res.stop_signal)
-    stage = {
-        "steps": res.steps,
-        "tokens": res.tokens,
-        "wall_s": res.wall_s,
-        "tokens_per_s": res.tokens_per_s,
-        "final_dir": str(res.final_dir),
-        "evals": [dict(e) for e in res.evals],
-    }
-    ckpt.atomic_write_json(cached, stage)
-    # Finished stages are cached by stage.json + final/; their checkpoints (weights plus AdamW
-    # state, ~4x the model) are only needed to resume, so free the disk now.
-    shutil.rmtree(ckpt.checkpoints_root(folder), ignore_errors=True)
-    if res.stop_signal:  # a signal during the final eval/save: the stage finished, then stop
-        print(f"compare: stopped after finishing {folder}; rerun the same command to go on")
-        raise SystemExit(128 + res.stop_signal)
-    return stage
-
-
-def run_variant(ctx: _Context, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Build, train and record one variant in ``out/<name>``; returns its result.json dict."""
-    v, cfg, folder = VARIANTS[name], ctx.cfg, ctx.out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt.write_cached(folder / SPEC_JSON, spec, {})
-    extra: dict[str, Any] = {}
-    if name == "stacking":
-        half = ctx.depth // 2
-        small = surgery.random_init(ctx.reference.config, half, seed=cfg.train.seed)
-        s1 = _train_stage(
-            ctx, small, folder / "stage1", cfg.train.steps, v, f"{name} 1/2 ({half}L)"
-        )
-        trained = models.load_model(s1["final_dir"])
-        # Gong et al. 2019 copy the whole trained stack on top of itself: [0..k-1, 0..k-1].
-        idx = list(range(half)) * 2
-        model = surgery.select_layers(trained, idx, allow_repeats=True)
-        info: dict[str, Any] = {"layers_from": None, "stacked": idx}
-        params = models.count_parameters(model)
-        s2 = _train_stage(
-            ctx, model, folder / "stage2", cfg.train.steps, v, f"{name} 2/2 ({ctx.depth}L)"
-        )
-        offset = s1["tokens"]
-        evals = s1["evals"] + [{**e, "tokens": e["tokens"] + offset} for e in s2["evals"]]
-        stages = [s1, s2]
-        extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
-    elif name == "inheritune" and cfg.bridging.bridge == "block":
-        ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
-        model, fit = bridge.build_bridged(
-            ctx.reference, ctx.depth - 1, ids, cfg.bridging, seed=cfg.train.seed
-        )
-        info = {"layers_from": list(range(ctx.depth - 1)), "depth": ctx.depth, "bridge": fit}
-        extra["bridge"] = fit
-        params = models.count_parameters(model)
-        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
-        evals, stages = s["evals"], [s]
-    else:
-        model, info = build_initial(ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores)
-        params = models.count_parameters(model)
-        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
-        evals, stages = s["evals"], [s]
-    layers = info.get("depth") or len(
-        info.get("stacked") or info["layers_from"] or range(ctx.depth)
-    )
-    result = {
-        "variant": name,
-        "description": v.description,
-        "budget": f"{v.budget}T",
-        "layers": layers,
-        "parameters": params,
-        "init": info,
-        "steps": sum(s["steps"] for s in stages),
-        "tokens": sum(s["tokens"] for s in stages),
-        "loss_before": evals[0]["val_loss"],
-        "loss_after": evals[-1]["val_loss"],
-        "evals": evals,
-        "wall_s": sum(s["wall_s"] for s in stages),
-        "tokens_per_s": [s["tokens_per_s"] for s in stages],
-        **extra,
-        "spec": spec,
-    }
-    ckpt.atomic_write_json(folder / RESULT_JSON, result)
-    return result
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -372,7 +197,7 @@ def tokens_to_reach(evals: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
-def _reference_loss(ctx: _Context) -> float:
+def _reference_loss(ctx: RunContext) -> float:
     """The reference's loss on the variants' validation windows (cached in reference.json)."""
     t = ctx.cfg.train
     spec = {"model": t.model, "data": t.data, "seq_len": t.seq_len, "eval_tokens": t.eval_tokens}
@@ -441,7 +266,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     names, skipped = _buildable(cfg, L, depth)
     out = Path(t.out)
     specs = {n: variant_spec(cfg, n, depth) for n in names if n not in skipped}
-    done = {n: _is_cached(out / n, s) for n, s in specs.items()}
+    done = {n: is_cached(out / n, s) for n, s in specs.items()}
 
     loaded = inputs.load(
         t.model,
@@ -460,7 +285,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
             specs.pop("half-width")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / "config.yaml")
-    ctx = _Context(cfg, reference, tokenizer, tokens, depth, L, out)
+    ctx = RunContext(cfg, reference, tokenizer, tokens, depth, L, out)
     ref_loss = _reference_loss(ctx)
     print(
         f"reference {t.model}: {L} layers, val loss {ref_loss:.4f}; variants at depth {depth}",

@@ -21,7 +21,7 @@ from inheritune.arch import get_arch
 from inheritune.config import ConfigError, flag
 
 if TYPE_CHECKING:
-    from inheritune.recipe import RecipeConfig
+    from inheritune.recipe_config import RecipeConfig
 
 STATE_FILE = "run_state.json"
 STATE_VERSION = 1

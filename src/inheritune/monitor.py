@@ -286,4 +286,9 @@ def plot_training(out: Path, evals: list[dict], log_path: Path) -> None:
         "train loss": ([r["tokens"] for r in train], [r["loss"] for r in train]),
         "validation loss": ([e["tokens"] for e in evals], [e["val_loss"] for e in evals]),
     }
+    for name in evals[0].get("extra", {}) if evals else ():
+        curves[f"{name} (held out)"] = (
+            [e["tokens"] for e in evals],
+            [e["extra"][name] for e in evals],
+        )
     plots.plot_curves(curves, out / "loss.png", title="training")

@@ -5,13 +5,14 @@ command accepts as ``--data DIR`` (and, with the default options, the cache entr
 ``--data D`` finds); :func:`inheritune.data.load_tokens` runs the same :func:`prepare_tokens`
 when its cache is cold. Read it with ``inheritune.data.open_tokens(DIR).ids``.
 
-How it works. The corpus is streamed in input order (:func:`inheritune.data.iter_pieces`) and
-cut into shards of about ``shard_mb`` MB of text. Worker processes tokenise whole shards (batched
-calls of the fast tokenizer, EOS after every document) and each writes ``shards/shard-NNNNN.bin``
-atomically (temporary name, fsync, rename: a half-written shard never has the final name). The
-main process appends finished shards to ``tokens.bin`` strictly in shard order, records the
-appended length in ``progress.json`` and deletes the shard, so the result is the same bytes for
-any number of processes, memory stays at a few shards, and disk at about one copy of the output.
+How it works. The corpus is streamed in input order (:func:`inheritune.readers.iter_pieces`) and
+cut into shards of about ``shard_mb`` MB of text. Worker processes (:mod:`inheritune.tokenize_pool`)
+tokenise whole shards (batched calls of the fast tokenizer, EOS after every document) and each
+writes ``shards/shard-NNNNN.bin`` atomically (temporary name, fsync, rename: a half-written shard
+never has the final name). The main process appends finished shards to ``tokens.bin`` strictly in
+shard order, records the appended length in ``progress.json`` and deletes the shard
+(:mod:`inheritune.token_writer`), so the result is the same bytes for any number of processes,
+memory stays at a few shards, and disk at about one copy of the output.
 
 Resuming: ``prepare.json`` (the plan: corpus, tokenizer, options) marks an unfinished folder. A
 rerun with the same plan truncates ``tokens.bin`` to the recorded length (dropping a half-done
@@ -26,42 +27,37 @@ stored after all training documents and ``meta.json`` records the split point.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
-import multiprocessing
-import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from inheritune import assets, data
+from inheritune import assets, data, readers
 from inheritune.config import ConfigError, check_positive, flag, save_resolved, validate_numbers
-from inheritune.data import META_FILE, PLAN_FILE, TOKENS_FILE, DataError, Piece, TextSource
+from inheritune.data import META_FILE, DataError, TextSource
+from inheritune.readers import Piece
+from inheritune.token_writer import (
+    PROGRESS_FILE,
+    SHARDS_DIR,
+    Appender,
+    Progress,
+    check_folder,
+    finish,
+    locked,
+    make_plan,
+)
+from inheritune.tokenize_pool import Encoder, Workers, available_cpus
 
 DEFAULT_SHARD_MB = 8.0
-PROGRESS_FILE, SHARDS_DIR, VAL_FILE = "progress.json", "shards", "val.bin"
-FORMAT = 1
-_BATCH_CHARS = 1 << 18  # texts per fast-tokenizer call: bounds the Encoding objects alive at once
-_IDENTITY = ("corpus_fingerprint", "tokenizer_fingerprint", "max_tokens", "val_docs_every")
-
-
-def available_cpus() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -161,157 +157,6 @@ class PrepareResult:
     already_done: bool = False
 
 
-# ----------------------------------------------------------------------------- workers
-
-
-class _Encoder:
-    """Turns a shard's texts into one flat token array with batched fast-tokenizer calls.
-
-    It holds a copy of the fast tokenizer's Rust backend (what ``tokenizer(list_of_texts)``
-    calls, minus the Python conversion of offsets and masks), so workers need no transformers.
-    Tokenizers without a backend are called as they are.
-    """
-
-    def __init__(self, tokenizer):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.tokenizer = None if backend is not None else tokenizer
-        self.backend = None
-        if backend is not None:
-            from tokenizers import Tokenizer
-
-            self.backend = Tokenizer.from_str(backend.to_str())
-            # transformers sets this before each call; do the same so special-token text in the
-            # corpus is handled exactly as tokenizer(...) handles it
-            self.backend.encode_special_tokens = bool(
-                getattr(tokenizer, "split_special_tokens", False)
-            )
-        self.eos = tokenizer.eos_token_id
-        self.dtype = data.token_dtype(len(tokenizer))
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def write_shard(self, path: Path, texts: list[str], ends: list[bool]) -> int:
-        """Tokenise one shard and write it atomically; returns its number of tokens."""
-        lengths = np.empty(len(texts), dtype=np.int64)
-        chunks: list[np.ndarray] = []
-        i = 0
-        for batch in _batches(texts):
-            for ids in self.encode(batch):
-                if ends[i] and self.eos is not None:
-                    ids.append(self.eos)
-                lengths[i] = len(ids)
-                chunks.append(np.asarray(ids, dtype=self.dtype))
-                i += 1
-        tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=self.dtype)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, lengths)
-            np.save(f, np.asarray(ends, dtype=bool))
-            np.save(f, tokens)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return int(tokens.size)
-
-
-def _batches(texts: list[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= _BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-_WORKER: _Encoder | None = None  # the encoder of a worker process, set by _start_worker
-
-
-def _start_worker(encoder: _Encoder) -> None:
-    global _WORKER
-    _WORKER = encoder
-    # One process, one core: N processes are the parallelism (the Rust thread pool would
-    # oversubscribe), and Ctrl-C is handled by the main process, which lets running shards finish.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A killed main process leaves its workers waiting on a queue nobody closes (they hold its
-    other end themselves), and holding the folder's lock: end them within half a second."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _worker_shard(path: Path, texts: list[str], ends: list[bool]) -> int:
-    assert _WORKER is not None
-    return _WORKER.write_shard(path, texts, ends)
-
-
-class _Workers:
-    """Shard tokenisation in a pool of ``num_proc`` processes, or in this process for one."""
-
-    def __init__(self, encoder: _Encoder, num_proc: int):
-        self.encoder = encoder
-        self.pool: ProcessPoolExecutor | None = None
-        if num_proc > 1:
-            # fork: workers start in milliseconds with the tokenizer already in memory
-            method = "fork" if sys.platform == "linux" else "spawn"
-            self.pool = ProcessPoolExecutor(
-                num_proc,
-                mp_context=multiprocessing.get_context(method),
-                initializer=_start_worker,
-                initargs=(encoder,),
-            )
-
-    def submit(self, path: Path, pieces: list[Piece]) -> Future:
-        texts, ends = [p.text for p in pieces], [p.end for p in pieces]
-        if self.pool is not None:
-            return self.pool.submit(_worker_shard, path, texts, ends)
-        fut: Future = Future()
-        fut.set_result(self.encoder.write_shard(path, texts, ends))
-        return fut
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ----------------------------------------------------------------------------- the folder
-
-
-@dataclass
-class _Progress:
-    """``progress.json``: the state after the last shard appended to ``tokens.bin``."""
-
-    shards: int = 0
-    train_tokens: int = 0
-    val_tokens: int = 0
-    docs: int = 0
-    val_docs: int = 0
-    input_bytes: int = 0
-    complete: bool = False  # input exhausted or max_tokens reached
-
-    @property
-    def tokens(self) -> int:
-        return self.train_tokens + self.val_tokens
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: readers see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _shards(pieces: Iterator[Piece], shard_bytes: int) -> Iterator[list[Piece]]:
     """Consecutive groups of pieces of >= ``shard_bytes`` input bytes (the last may be smaller)."""
     shard: list[Piece] = []
@@ -324,182 +169,6 @@ def _shards(pieces: Iterator[Piece], shard_bytes: int) -> Iterator[list[Piece]]:
             shard, size = [], 0
     if shard:
         yield shard
-
-
-class _Appender:
-    """Appends shards in order to ``tokens.bin`` (and ``val.bin``), then records progress."""
-
-    def __init__(self, out: Path, plan: dict, progress: _Progress):
-        self.out, self.plan, self.p = out, plan, progress
-        self.itemsize = np.dtype(plan["dtype"]).itemsize
-        self.every = plan["val_docs_every"]
-        self.train = self._open(TOKENS_FILE, progress.train_tokens)
-        self.val = self._open(VAL_FILE, progress.val_tokens) if self.every else None
-
-    def _open(self, name: str, tokens: int):
-        """Open for appending after ``tokens`` tokens, dropping anything a killed run wrote past
-        the last recorded shard."""
-        path = self.out / name
-        f = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 - closed in close()
-        size = os.fstat(f.fileno()).st_size
-        if size < tokens * self.itemsize:
-            f.close()
-            raise DataError(
-                f"{path} is shorter than {PROGRESS_FILE} records (lost writes?); delete "
-                f"{self.out} and prepare again"
-            )
-        f.truncate(tokens * self.itemsize)
-        f.seek(0, os.SEEK_END)
-        return f
-
-    def append(self, path: Path, expected_pieces: int, nbytes: int) -> None:
-        try:
-            with open(path, "rb") as f:
-                lengths, ends, toks = np.load(f), np.load(f), np.load(f)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{path} is unreadable ({e}); delete it and rerun") from e
-        if len(lengths) != expected_pieces or int(lengths.sum()) != len(toks):
-            raise DataError(
-                f"{path} does not match the input ({len(lengths)} documents, expected "
-                f"{expected_pieces}); delete {self.out} and prepare again"
-            )
-        max_tokens = self.plan["max_tokens"]
-        if max_tokens is not None and self.p.tokens + len(toks) >= max_tokens:
-            keep = max_tokens - self.p.tokens
-            starts = np.cumsum(lengths) - lengths
-            kept = np.clip(keep - starts, 0, lengths)
-            ends = ends & (kept == lengths)  # a document cut short has no EOS and is not counted
-            lengths, toks = kept, toks[:keep]
-            self.p.complete = True
-        if self.every:
-            # document index of each piece: documents before it end with an `end` piece
-            doc = self.p.docs + np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
-            is_val = doc % self.every == self.every - 1
-            tok_val = np.repeat(is_val, lengths)
-            self.train.write(toks[~tok_val].tobytes())
-            self.val.write(toks[tok_val].tobytes())
-            n_val = int(tok_val.sum())
-            self.p.val_tokens += n_val
-            self.p.train_tokens += len(toks) - n_val
-            self.p.val_docs += int((ends & is_val).sum())
-        else:
-            self.train.write(toks.tobytes())
-            self.p.train_tokens += len(toks)
-        self.p.docs += int(ends.sum())
-        self.p.input_bytes += nbytes
-        self.p.shards += 1
-        self.save()
-        path.unlink()
-
-    def save(self) -> None:
-        for f in (self.train, self.val):
-            if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
-        _write_json(self.out / PROGRESS_FILE, asdict(self.p))
-
-    def close(self) -> None:
-        for f in (self.train, self.val):
-            if f is not None:
-                f.close()
-
-
-def _plan(source: TextSource, tokenizer, max_tokens, val_docs_every, shard_mb) -> dict:
-    return {
-        "format": FORMAT,
-        "corpus": source.name,
-        "corpus_fingerprint": source.fingerprint(),
-        "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "dtype": data.token_dtype(len(tokenizer)).name,
-        "max_tokens": max_tokens,
-        "val_docs_every": val_docs_every,
-        "shard_bytes": max(1, int(shard_mb * 1e6)),
-    }
-
-
-def _differences(old: dict, plan: dict) -> list[str]:
-    """Identity keys where ``old`` (a meta or plan, maybe from an older version) differs."""
-    defaults = {"max_tokens": None, "val_docs_every": 0}
-    return [k for k in _IDENTITY if old.get(k, defaults.get(k)) != plan.get(k)]
-
-
-def _check_folder(out: Path, plan: dict) -> dict | None:
-    """The plan to continue in ``out`` (None: already finished); refuses foreign folders."""
-    if (out / META_FILE).is_file():
-        meta = json.loads((out / META_FILE).read_text())
-        diff = _differences(meta, plan)
-        if diff:
-            raise DataError(
-                f"{out} already holds tokens prepared with another {', '.join(diff)}; choose "
-                f"another --out or delete it"
-            )
-        return None
-    if (out / PLAN_FILE).is_file():
-        old = json.loads((out / PLAN_FILE).read_text())
-        diff = _differences(old, plan)
-        if old.get("format") != FORMAT or diff:
-            raise DataError(
-                f"{out} holds an unfinished prepare with another {', '.join(diff) or 'format'}; "
-                f"rerun that one, or delete {out} (or choose another --out)"
-            )
-        return old  # its shard size too: shard numbers must mean the same text
-    if any(f.name != ".lock" for f in out.iterdir()):
-        raise DataError(f"{out} is not empty and not a token folder; choose another --out")
-    _write_json(out / PROGRESS_FILE, asdict(_Progress()))
-    _write_json(out / PLAN_FILE, plan)
-    return plan
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """One prepare per folder at a time (two commands may find the same cold cache)."""
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another prepare of {out} ...", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _finish(out: Path, plan: dict, p: _Progress) -> dict:
-    """Put validation documents after the training ones, write meta.json, drop the work files."""
-    itemsize = np.dtype(plan["dtype"]).itemsize
-    if plan["val_docs_every"]:
-        with open(out / TOKENS_FILE, "r+b") as dst, open(out / VAL_FILE, "rb") as src:
-            dst.truncate(p.train_tokens * itemsize)  # a killed earlier _finish may have appended
-            dst.seek(0, os.SEEK_END)
-            shutil.copyfileobj(src, dst, 1 << 24)
-            dst.flush()
-            os.fsync(dst.fileno())
-    meta = {
-        "corpus": plan["corpus"],
-        "corpus_fingerprint": plan["corpus_fingerprint"],
-        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
-        "vocab_size": plan["vocab_size"],
-        "eos_token_id": plan["eos_token_id"],
-        "dtype": plan["dtype"],
-        "num_tokens": p.tokens,
-        "num_docs": p.docs,
-        "input_bytes": p.input_bytes,
-        "max_tokens": plan["max_tokens"],
-        "val_docs_every": plan["val_docs_every"],
-    }
-    if plan["val_docs_every"]:
-        meta.update(split=p.train_tokens, val_tokens=p.val_tokens, val_docs=p.val_docs)
-        meta["val_rule"] = f"every {plan['val_docs_every']}-th document, stored last"
-    else:
-        meta["val_rule"] = "the last val_fraction (default 5%) of the tokens"
-    _write_json(out / META_FILE, meta)
-    for name in (PROGRESS_FILE, PLAN_FILE, VAL_FILE, ".lock"):  # finished: nothing to lock
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-    return meta
 
 
 def _size(nbytes: float) -> str:
@@ -534,9 +203,9 @@ def prepare_tokens(
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan(source, tokenizer, max_tokens, val_docs_every, shard_mb)
-    with _locked(out):
-        kept = _check_folder(out, plan)
+    plan = make_plan(source, tokenizer, max_tokens, val_docs_every, shard_mb)
+    with locked(out):
+        kept = check_folder(out, plan)
         if kept is None:
             meta = json.loads((out / META_FILE).read_text())
             return PrepareResult(
@@ -549,7 +218,7 @@ def prepare_tokens(
         shards_dir.mkdir(exist_ok=True)
         for tmp in shards_dir.glob("*.tmp"):  # half-written by a killed run: never data
             tmp.unlink()
-        p = _Progress(**json.loads((out / PROGRESS_FILE).read_text()))
+        p = Progress(**json.loads((out / PROGRESS_FILE).read_text()))
         resumed = p.shards
         reused = _run(source, tokenizer, out, plan, p, num_proc, progress)
         if p.tokens == 0 or (plan["val_docs_every"] and p.val_tokens == 0):
@@ -560,7 +229,7 @@ def prepare_tokens(
                 f"--val-docs-every {plan['val_docs_every']}: the corpus has {p.docs} "
                 f"document(s), too few for one to go to validation"
             )
-        meta = _finish(out, plan, p)
+        meta = finish(out, plan, p)
     seconds = time.perf_counter() - t0
     result = PrepareResult(
         out, p.tokens, p.val_tokens, p.docs, p.input_bytes, seconds, num_proc, resumed, reused
@@ -583,7 +252,7 @@ def _run(
     tokenizer,
     out: Path,
     plan: dict,
-    p: _Progress,
+    p: Progress,
     num_proc: int,
     show: bool,
 ) -> int:
@@ -595,7 +264,7 @@ def _run(
     pending: deque[tuple[Path, Future, int, int]] = deque()
     reused = 0
     with contextlib.ExitStack() as stack:  # closed in reverse: workers, bar, files
-        appender = _Appender(out, plan, p)
+        appender = Appender(out, plan, p)
         stack.callback(appender.close)
         bar = stack.enter_context(
             tqdm(
@@ -618,9 +287,9 @@ def _run(
             bar.set_postfix_str(f"{p.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s", False)
             bar.update(nbytes)
 
-        shards = enumerate(_shards(data.iter_pieces(source), plan["shard_bytes"]))
+        shards = enumerate(_shards(readers.iter_pieces(source), plan["shard_bytes"]))
         first = list(itertools.islice(shards, 2))  # one shard is not worth starting processes
-        workers = _Workers(_Encoder(tokenizer), num_proc if len(first) > 1 else 1)
+        workers = Workers(Encoder(tokenizer), num_proc if len(first) > 1 else 1)
         stack.callback(workers.close)  # lets running shards finish: their files are kept
         for index, shard in itertools.chain(first, shards):
             if index < p.shards:

@@ -179,10 +179,11 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     curves = {}
     for r in report["rounds"]:
         evals = r.get("evals") or []
-        curves[f"round {r['round']}: {r['layers']} layers"] = (
-            [e["tokens"] for e in evals],
-            [e["val_loss"] for e in evals],
-        )
+        xs = [e["tokens"] for e in evals]
+        curves[f"round {r['round']}: {r['layers']} layers"] = (xs, [e["val_loss"] for e in evals])
+        for name in evals[0].get("extra", {}) if evals else ():
+            label = f"round {r['round']}: {name} (held out)"
+            curves[label] = (xs, [e["extra"][name] for e in evals])
     return plots.plot_curves(
         curves,
         path,

@@ -15,7 +15,8 @@ the same weights.
 * :func:`fresh_parts` -- re-initialise the embeddings, position embeddings, final norm or head
   (what the official code leaves fresh, PAPER.md section 2).
 * :func:`half_width` -- all layers at half hidden size / heads / MLP width, sliced weights.
-* :func:`inherit` -- the ``inheritune inherit`` command: writes a loadable HF folder.
+
+The ``inheritune inherit`` command that saves such a target is :mod:`inheritune.inherit`.
 
 Usage::
 
@@ -27,19 +28,15 @@ Usage::
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from inheritune import bridge as _bridge
 from inheritune.arch import UnsupportedModelError, get_arch
-from inheritune.config import ConfigError, save_resolved, validate_numbers
+from inheritune.config import ConfigError
 
 PARTS = ("block", "attn", "mlp", "attn+mlp")
 # Which block parts each --parts choice inherits; the rest of a kept block is freshly initialised.
@@ -326,7 +323,7 @@ def random_init(
 FRESH_PARTS = ("pos_embed", "final_norm", "embed", "head")
 
 
-def _parse_fresh(parts: str | Sequence[str] | None) -> list[str]:
+def parse_fresh(parts: str | Sequence[str] | None) -> list[str]:
     """``"pos_embed,final_norm"`` or a list -> validated, de-duplicated, in FRESH_PARTS order."""
     items = parts.split(",") if isinstance(parts, str) else list(parts or [])
     names = {str(p).strip() for p in items if str(p).strip()}
@@ -349,7 +346,7 @@ def fresh_parts(model: nn.Module, parts: str | Sequence[str], seed: int = 0) -> 
     the official GPT-2 scripts' start (they inherit lm_head, hence wte through tying) is
     ``pos_embed,final_norm``; their OpenLLaMA start (untied) is ``embed,final_norm``.
     """
-    names = _parse_fresh(parts)
+    names = parse_fresh(parts)
     arch = get_arch(model)
     modules = {
         "pos_embed": arch.pos_embed,
@@ -431,176 +428,3 @@ def _half_config(config):
             )
         setattr(new, name, value // 2)
     return new
-
-
-# --------------------------------------------------------------------------- the CLI command
-
-
-@dataclass
-class InheritConfig:
-    """``inheritune inherit``: build a target from the reference's first layers and save it."""
-
-    model: str = field(
-        default="smollm2-135m",
-        metadata={"help": "reference: default name, HF folder, .gguf file or hub id"},
-    )
-    num_layers: int | None = field(
-        default=None, metadata={"help": "keep the first K layers (or give --layers)"}
-    )
-    layers: str | None = field(
-        default=None, metadata={"help": "explicit layer indices, e.g. 0-13 or 0,1,2,5 or 0-3,8"}
-    )
-    out: str = field(default="runs/inherit", metadata={"help": "output folder (HF format)"})
-    parts: str = field(
-        default="block",
-        metadata={"help": "what each kept block inherits (sub-module ablation)", "choices": PARTS},
-    )
-    seed: int = field(default=0, metadata={"help": "seed for freshly initialised parts"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "let transformers run the model repo's own code"}
-    )
-    export_mergekit: str | None = field(
-        default=None,
-        metadata={"help": "also write the selection as a mergekit passthrough slices YAML FILE"},
-    )
-    fresh: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "comma list of parts re-initialised (model's own init, --seed) instead of "
-            f"inherited: {', '.join(FRESH_PARTS)}; the official code's GPT-2 start is "
-            "pos_embed,final_norm. With tied embeddings, embed or head re-initialises the "
-            "shared matrix"
-        },
-    )
-    # --bridge block: an extra fitted block, a standard (l + 1)-layer checkpoint (bridge.py)
-    bridge: str = _bridge.mirror("bridge")
-    bridge_init: str = _bridge.mirror("bridge_init")
-    calib_tokens: int = _bridge.mirror("calib_tokens")
-    calib_seq_len: int = _bridge.mirror("calib_seq_len")
-    bridge_steps: int = _bridge.mirror("bridge_steps")
-    bridge_lr: float = _bridge.mirror("bridge_lr")
-    bridge_batch: int = _bridge.mirror("bridge_batch")
-    norm_iters: int = _bridge.mirror("norm_iters")
-    norm_windows: int = _bridge.mirror("norm_windows")
-    data: str = field(
-        default="shakespeare",
-        metadata={
-            "help": "corpus for --bridge block: calibration windows from its training split, "
-            "validation loss before/after (provenance.json) on its validation split"
-        },
-    )
-    eval_tokens: int = field(
-        default=8192,
-        metadata={"help": "validation tokens scored in provenance.json with --bridge (0: none)"},
-    )
-    eval_seq_len: int = field(
-        default=128, metadata={"help": "tokens per validation window with --bridge", "min": 1}
-    )
-
-    def __post_init__(self) -> None:
-        validate_numbers(self)  # finite, in range, of the declared type (config.py)
-        if self.export_mergekit and self.parts != "block":  # mergekit copies whole layers
-            raise ConfigError(f"--export-mergekit needs --parts block, got {self.parts!r}")
-        if (self.num_layers is None) == (self.layers is None):
-            raise ConfigError("give exactly one of --num-layers K or --layers SPEC")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise ConfigError(f"--num-layers must be >= 1, got {self.num_layers}")
-        if self.parts not in PARTS:
-            raise ConfigError(f"--parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
-        self.fresh = _parse_fresh(self.fresh)
-        bridge = _bridge.bridge_config(self)  # validates the bridge fields, naming the flag
-        if self.export_mergekit and (self.fresh or bridge.bridge != "none"):
-            raise ConfigError("--export-mergekit copies reference layers only: no --fresh/--bridge")
-        if bridge.bridge != "none":
-            if self.num_layers is None:
-                raise ConfigError("--bridge block needs --num-layers K (the first K layers)")
-            if self.parts != "block" or self.fresh:
-                raise ConfigError(
-                    "--bridge block is fitted to the reference's own blocks, embeddings, final "
-                    "norm and head: it needs --parts block and no --fresh"
-                )
-
-
-def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
-    """The kept indices of ``cfg`` for a reference of ``num_layers`` blocks."""
-    if cfg.layers is not None:
-        return parse_layers(cfg.layers, num_layers)
-    check_depth(int(cfg.num_layers), num_layers)
-    return list(range(int(cfg.num_layers)))
-
-
-def inherit(cfg: InheritConfig) -> Path:
-    """Write the target as an HF folder (+ tokenizer if the reference has one, inheritune.yaml,
-    provenance.json). No tokenizer is needed: only weights are copied."""
-    from inheritune import __version__, inputs, mergekit
-    from inheritune.models import count_parameters, has_tokenizer, load_config
-
-    # Check the selection against the reference's config before loading any weights.
-    ref_config = load_config(cfg.model, cfg.trust_remote_code)
-    indices = resolve_indices(cfg, _num_layers(ref_config))
-    if cfg.export_mergekit:
-        mk_source = mergekit.source_name(cfg.model)  # a .gguf is refused here, before the work
-        mergekit.check_path(cfg.export_mergekit)
-    # Tokens only for the bridge's calibration; a tokenizer only where the reference has one.
-    bridging = cfg.bridge != "none"
-    loaded = inputs.load(
-        cfg.model,
-        cfg.data if bridging else None,
-        tokenizer=bridging or has_tokenizer(cfg.model),
-        seq_lens={"calib_seq_len": cfg.calib_seq_len, "eval_seq_len": cfg.eval_seq_len}
-        if bridging
-        else None,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    ref = loaded.model
-    target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
-    if cfg.fresh:
-        target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
-    bridged = None
-    if bridging:
-        target, bridged = _bridge.bridge_on_corpus(
-            ref,
-            len(indices),
-            loaded.tokens,
-            _bridge.bridge_config(cfg),
-            cfg.seed,
-            cfg.eval_tokens,
-            cfg.eval_seq_len,
-        )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    target.save_pretrained(out)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out)
-    save_resolved(cfg, out / "inheritune.yaml")
-    provenance = {
-        "reference": cfg.model,
-        "reference_class": type(ref).__name__,
-        "reference_layers": get_arch(ref).num_layers,
-        "kept_layers": indices,
-        "layer_numbering": mergekit.LAYER_NUMBERING,
-        "parts": cfg.parts,
-        "fresh": cfg.fresh,
-        "bridge": bridged,
-        "seed": cfg.seed,
-        "parameters": {"reference": count_parameters(ref), "target": count_parameters(target)},
-        "inheritune_version": __version__,
-    }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    if cfg.export_mergekit:
-        mk = mergekit.slices_from_layers(mk_source, indices, mergekit.config_dtype(ref_config))
-        note = f"inheritune inherit: reference layers {indices} ({mergekit.LAYER_NUMBERING})"
-        print(f"mergekit config: {mergekit.write_config(cfg.export_mergekit, mk, [note])}")
-    print(
-        f"inherited {len(indices)} of {provenance['reference_layers']} layers of {cfg.model} "
-        f"({provenance['parameters']['target']:,} of {provenance['parameters']['reference']:,} "
-        f"parameters) -> {out}"
-    )
-    if bridged is not None and "validation" in bridged:
-        v = bridged["validation"]
-        print(
-            f"bridge block: validation loss {v['inherited']:.3f} (inherited) -> "
-            f"{v['bridged']:.3f} (bridged, {len(indices) + 1} layers); reference "
-            f"{v['reference']:.3f} nats/token on {v['tokens']} tokens"
-        )
-    return out

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from inheritune import data, distributed, monitor, optim, trainer
@@ -181,15 +182,18 @@ def train_model(
     cfg: TrainConfig,
     teacher: nn.Module | None = None,
     desc: str | None = None,
+    extra_eval: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``tokens`` into ``cfg.out``; see the module docstring.
 
     With ``cfg.resume`` the model's weights, the optimizer, RNG and data position come from the
     latest intact checkpoint in ``cfg.out``. Under ``--fsdp`` the model is sharded in place:
-    reload it from ``result.final_dir``.
+    reload it from ``result.final_dir``. ``extra_eval`` (name -> fixed windows of another
+    corpus, e.g. :func:`inheritune.data.eval_windows` of a held-out text) is scored at every
+    evaluation beside the validation windows: ``evals[i]["extra"][name]``.
     """
     t_start = time.perf_counter()
-    run = trainer.start(model, tokenizer, tokens, cfg, teacher, desc)
+    run = trainer.start(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
     interrupted = False
     with monitor.catch_signals(run.stop), run.bar:
         while True:

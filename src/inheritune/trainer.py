@@ -10,9 +10,7 @@ log. :func:`finish` writes the final folder, the plot and ``result.json``.
 from __future__ import annotations
 
 import math
-import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inheritune import checkpoint as ckpt
-from inheritune import data, distributed, losses, monitor, optim
+from inheritune import data, distributed, losses, monitor, optim, resume, train_state
 from inheritune.arch import get_arch
 from inheritune.config import ConfigError, flag, save_resolved, to_dict
 from inheritune.distill import Teacher, shared_bottom
@@ -45,7 +43,8 @@ class TrainResult:
     steps: int  # optimizer steps done (cumulative over resumes)
     tokens: int  # training tokens seen (cumulative over resumes)
     wall_s: float  # wall time of this process's run (evaluations and checkpoints included)
-    evals: list[dict]  # [{"step", "tokens", "val_loss", "val_ppl"}], step 0 and the final step
+    # [{"step", "tokens", "val_loss", "val_ppl"(, "extra": {name: loss})}], step 0 and the end
+    evals: list[dict]
     final_val_loss: float
     tokens_per_s: float  # training throughput, evaluation and checkpoint time excluded
     interrupted: bool = False  # stopped by SIGINT/SIGTERM after saving a checkpoint
@@ -68,6 +67,7 @@ class Run:
     opt: torch.optim.Optimizer
     sampler: data.WindowSampler
     windows: np.ndarray  # fixed validation windows (n, seq_len + 1)
+    extra_windows: dict[str, np.ndarray]  # other corpora's fixed windows, scored at each eval
     log: monitor.JsonlLog
     bar: tqdm
     step: int = 0
@@ -107,20 +107,26 @@ class Run:
         return by_time if by_time is not None else min(1.0, self.step / self.cfg.steps)
 
     def evaluate(self) -> None:
-        """Validation loss on the fixed windows, logged and kept in ``evals``."""
-        val = losses.evaluate_windows(
+        """Validation loss on the fixed windows (and on each extra set), logged and kept in
+        ``evals``."""
+        val = self._loss_on(self.windows)
+        rec = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val}
+        rec["val_ppl"] = math.exp(val)
+        if self.extra_windows:
+            rec["extra"] = {k: self._loss_on(w) for k, w in self.extra_windows.items()}
+        self.evals.append(rec)
+        self.log.write({"kind": "eval", **rec})
+        self.bar.set_postfix_str(f"val {val:.3f}", refresh=False)
+
+    def _loss_on(self, windows: np.ndarray) -> float:
+        return losses.evaluate_windows(
             self.forward,
-            self.windows,
+            windows,
             self.cfg.micro_batch(self.env.world_size),
             self.env.device,
             self.autocast(),
             self.env,
         )
-        rec = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val}
-        rec["val_ppl"] = math.exp(val)
-        self.evals.append(rec)
-        self.log.write({"kind": "eval", **rec})
-        self.bar.set_postfix_str(f"val {val:.3f}", refresh=False)
 
     def save(self) -> Path:
         """An atomic checkpoint of the current step (a collective: every rank calls it)."""
@@ -133,10 +139,10 @@ class Run:
             "train_seconds": self.train_seconds + self.meter.seconds,
             "world_size": env.world_size,
             "config": to_dict(cfg),
-            "data_fingerprint": _data_identity(self.tokens),
+            "data_fingerprint": resume.data_identity(self.tokens),
         }
         model_sd = ckpt.full_model_state(self.model, self.fsdp)
-        optim_sd = ckpt.optimizer_state(self.model, self.opt, self.fsdp)
+        optim_sd = train_state.optimizer_state(self.model, self.opt, self.fsdp)
         # every rank's own CPU and CUDA generator states: each draws its own dropout masks
         rng_cpu = distributed.gather_tensors(torch.get_rng_state(), env)
         rng_cuda = None
@@ -144,11 +150,11 @@ class Run:
             rng_cuda = distributed.gather_tensors(torch.cuda.get_rng_state(env.device), env)
         path = root / ckpt.step_name(self.step)
         if env.is_main:
-            tensors, scalars = ckpt.rng_state(rng_cpu, rng_cuda)
+            tensors, scalars = train_state.rng_state(rng_cpu, rng_cuda)
 
             def populate(tmp: Path) -> None:
                 ckpt.save_hf_folder(self.model, self.tokenizer, tmp, model_sd)
-                ckpt.save_training_state(tmp, optim_sd, trainer_state, tensors, scalars)
+                train_state.save_training_state(tmp, optim_sd, trainer_state, tensors, scalars)
 
             ckpt.write_folder_atomically(path, populate, {"step": self.step})
             ckpt.atomic_write_text(root / ckpt.LATEST, path.name + "\n")
@@ -277,40 +283,6 @@ def _check_inputs(model: nn.Module, tokenizer, tokens: data.Tokens, cfg: TrainCo
         )
 
 
-def _resume_point(cfg: TrainConfig, env: distributed.DistEnv) -> Path | None:
-    out = Path(cfg.out)
-    if not cfg.resume and ckpt.list_checkpoints(ckpt.checkpoints_root(out)):
-        raise ConfigError(
-            f"{out} already holds checkpoints; pass {flag('resume')} to continue that run or "
-            f"choose another {flag('out')}"
-        )
-    found = ckpt.find_resume_checkpoint(out) if cfg.resume else None
-    if cfg.resume and found is None and env.is_main:
-        warnings.warn(
-            f"{flag('resume')}: no checkpoint in {out}; starting from step 0", stacklevel=3
-        )
-    return found
-
-
-def _restore_or_seed(model, sampler, resume_from, cfg, tokens, env) -> dict[str, Any] | None:
-    """Resume: the checkpoint's weights and data position (its trainer state is returned, with
-    the optimizer and RNG state for after the optimizer exists). Else seed every RNG."""
-    if resume_from is None:
-        torch.manual_seed(cfg.seed + env.rank)  # distinct dropout per rank
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        return None
-    optim_sd, state, rng_tensors, rng_scalars = ckpt.load_training_state(resume_from)
-    _check_compatible(state, cfg, tokens, env.world_size)
-    if distributed.is_sharded(model):  # built sharded (load_sharded_model): own rows only
-        distributed.load_weights(model, resume_from)
-    else:
-        ckpt.load_model_weights(model, resume_from)
-    sampler.load_state_dict(state["data"])
-    return {**state, "optimizer_state": optim_sd, "rng_tensors": rng_tensors,
-            "rng_scalars": rng_scalars}  # fmt: skip
-
-
 def _teacher(teacher, model, env) -> Teacher | None:
     """The distillation teacher on this device; it shares the student's frozen bottom if any."""
     if teacher is None:
@@ -333,8 +305,9 @@ def _enable_grad_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
-def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> Run:
-    """Check the inputs, restore a checkpoint if resuming, wrap the model, build the optimizer."""
+def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=None) -> Run:
+    """Check the inputs, restore a checkpoint if resuming, wrap the model, build the optimizer.
+    ``extra_eval``: name -> fixed windows of another corpus, scored at every evaluation."""
     env = distributed.setup(cfg.dist_timeout)
     out = Path(cfg.out)
     _check_inputs(model, tokenizer, tokens, cfg, env.world_size)
@@ -342,7 +315,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> Run:
         raise ConfigError(f"{flag('distill_alpha')} > 0 needs a teacher ({flag('teacher')})")
     sampler = data.WindowSampler(len(tokens.train), cfg.seq_len, cfg.seed)
     windows = data.eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)
-    resume_from = _resume_point(cfg, env)
+    resume_from = resume.resume_point(cfg, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(ckpt.checkpoints_root(out))
@@ -353,7 +326,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> Run:
     if cfg.train_top:
         optim.train_only_top(model, cfg.train_top)
     model.to(env.device).train()
-    state = _restore_or_seed(model, sampler, resume_from, cfg, tokens, env)
+    state = resume.restore_or_seed(model, sampler, resume_from, cfg, tokens, env)
     teacher = _teacher(teacher, model, env)
     fsdp = cfg.fsdp and env.distributed
     if cfg.grad_checkpointing:
@@ -364,8 +337,8 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> Run:
     )
     opt = optim.make_optimizer(model, cfg, fsdp)
     if state is not None:
-        ckpt.load_optimizer_state(model, opt, state["optimizer_state"], fsdp)
-        ckpt.set_rng_state(state["rng_tensors"], state["rng_scalars"], env.rank, env.device)
+        train_state.load_optimizer_state(model, opt, state["optimizer_state"], fsdp)
+        train_state.set_rng_state(state["rng_tensors"], state["rng_scalars"], env.rank, env.device)
     step = int(state["step"]) if state is not None else 0
     peak = monitor.device_peak(env.device, cfg.precision) if env.is_main else None
     header = None
@@ -385,6 +358,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc) -> Run:
         opt=opt,
         sampler=sampler,
         windows=windows,
+        extra_windows=dict(extra_eval or {}),
         log=monitor.JsonlLog(
             out / "log.jsonl",
             env.is_main,
@@ -449,45 +423,3 @@ def finish(run: Run, interrupted: bool, wall: float) -> TrainResult:
         summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
         ckpt.atomic_write_json(out / "result.json", summary)
     return result
-
-
-def _data_identity(tokens: data.Tokens) -> dict[str, Any]:
-    keys = ("corpus_fingerprint", "tokenizer_fingerprint", "num_tokens")
-    return {k: tokens.meta.get(k) for k in keys}
-
-
-# Settings a resumed run may change (with a warning: it will not match an uninterrupted run);
-# any other difference in the data or the batch layout would make the data position lie.
-_WARN_ON_CHANGE = ("lr", "min_lr", "warmup", "steps", "grad_accum", "weight_decay", "precision")
-_REFUSE_ON_CHANGE = ("batch_size", "seq_len", "seed")
-
-
-def _check_compatible(state: dict, cfg: TrainConfig, tokens: data.Tokens, world: int) -> None:
-    """Refuse a checkpoint whose data or batch layout differs from this run's."""
-    saved, now = state.get("config", {}), to_dict(cfg)
-    for name in ckpt.spec_diff(
-        {k: saved.get(k) for k in _REFUSE_ON_CHANGE}, {k: now[k] for k in _REFUSE_ON_CHANGE}
-    ):
-        raise ckpt.CheckpointError(
-            f"cannot resume: the checkpoint was trained with {flag(name)} {saved.get(name)}, "
-            f"this run has {now[name]}"
-        )
-    if ckpt.spec_diff(state.get("data_fingerprint") or {}, _data_identity(tokens)):
-        raise ckpt.CheckpointError(
-            "cannot resume: the checkpoint was trained on different data or with another tokenizer"
-        )
-    changed = ckpt.spec_diff(
-        {k: saved.get(k) for k in _WARN_ON_CHANGE}, {k: now[k] for k in _WARN_ON_CHANGE}
-    )
-    if changed:
-        warnings.warn(
-            f"resuming with changed {', '.join(flag(n) for n in changed)}: the run will not "
-            f"match an uninterrupted one",
-            stacklevel=3,
-        )
-    if state.get("world_size") != world:
-        warnings.warn(
-            f"resuming on {world} process(es) a run saved on {state.get('world_size')}: the data "
-            f"order is kept, but float summation order (and dropout) differ",
-            stacklevel=3,
-        )
