@@ -31,8 +31,10 @@ def plot_curves(
     ylabel: str = "loss (nats/token)",
     reference: float | None = None,
     reference_label: str = "reference",
+    more_references: Mapping[str, float] | None = None,
 ) -> Path:
-    """One line per named (x, y) series, with an optional horizontal reference line."""
+    """One line per named (x, y) series, with optional horizontal reference lines (``reference``
+    and any ``more_references``: label -> value, drawn dotted)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ("-", "--", ":", "-.")  # the colour cycle has 10 colours; tell curve 11 from curve 1
     for i, (name, (xs, ys)) in enumerate(curves.items()):
@@ -46,6 +48,8 @@ def plot_curves(
             linewidth=1,
             label=f"{reference_label} ({reference:.3f})",
         )
+    for label, value in (more_references or {}).items():
+        ax.axhline(value, color="0.4", linestyle=":", linewidth=1, label=f"{label} ({value:.3f})")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -184,6 +184,8 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
         for name in evals[0].get("extra", {}) if evals else ():
             label = f"round {r['round']}: {name} (held out)"
             curves[label] = (xs, [e["extra"][name] for e in evals])
+    extra, ref = report["target"].get("extra_eval"), report["reference"].get("extra_val_loss")
+    more = {f"reference on {extra}": ref} if extra and ref is not None else None
     return plots.plot_curves(
         curves,
         path,
@@ -191,6 +193,7 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
         xlabel="tokens trained in the round",
         reference=report["target"]["val_loss"],
         reference_label=report["target"]["label"],
+        more_references=more,
     )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inheritune import checkpoint as ckpt
 from inheritune import data
 from inheritune.data import META_FILE, PLAN_FILE, TOKENS_FILE, DataError, TextSource
 from inheritune.tokenize_pool import read_shard
@@ -46,13 +47,6 @@ class Progress:
     @property
     def tokens(self) -> int:
         return self.train_tokens + self.val_tokens
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: readers see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 class Appender:
@@ -124,7 +118,7 @@ class Appender:
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
-        _write_json(self.out / PROGRESS_FILE, asdict(self.p))
+        ckpt.atomic_write_json(self.out / PROGRESS_FILE, asdict(self.p))
 
     def close(self) -> None:
         for f in (self.train, self.val):
@@ -176,8 +170,8 @@ def check_folder(out: Path, plan: dict) -> dict | None:
         return old  # its shard size too: shard numbers must mean the same text
     if any(f.name != ".lock" for f in out.iterdir()):
         raise DataError(f"{out} is not empty and not a token folder; choose another --out")
-    _write_json(out / PROGRESS_FILE, asdict(Progress()))
-    _write_json(out / PLAN_FILE, plan)
+    ckpt.atomic_write_json(out / PROGRESS_FILE, asdict(Progress()))
+    ckpt.atomic_write_json(out / PLAN_FILE, plan)
     return plan
 
 
@@ -224,7 +218,7 @@ def finish(out: Path, plan: dict, p: Progress) -> dict:
         meta["val_rule"] = f"every {plan['val_docs_every']}-th document, stored last"
     else:
         meta["val_rule"] = "the last val_fraction (default 5%) of the tokens"
-    _write_json(out / META_FILE, meta)
+    ckpt.atomic_write_json(out / META_FILE, meta)
     for name in (PROGRESS_FILE, PLAN_FILE, VAL_FILE, ".lock"):  # finished: nothing to lock
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
