@@ -98,7 +98,8 @@ def test_bridge_knob_builds_a_bridged_start_and_charges_its_fit(bench, argv):
     assert stats["fit_loss_after"] < stats["fit_loss_before"]
     # the bridge's fit is taken out of the training budget, as the calibration is
     assert rec["setup_s"] == stats["wall_seconds"] > 0
-    assert rec["train_s"] <= 8 - rec["setup_s"] + 2.0
+    # (on a loaded machine the fit alone may take the whole budget: then nothing is trained)
+    assert rec["train_s"] <= max(0.0, 8 - rec["setup_s"]) + 2.0
     # the selection criteria: fixed training-split windows and the logged loss's last 10%
     assert math.isfinite(rec["start_train_windows"]) and math.isfinite(rec["final_train_windows"])
     assert rec["steps"] == 0 or math.isfinite(rec["train_loss_tail"])
