@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -400,3 +401,20 @@ def test_bridge_block_inheritune_variant(tiny_folder, corpus_file, tmp_path):
     assert "+ bridge block" in (tmp_path / "b" / "compare.md").read_text()
     final = models.load_model(str(tmp_path / "b" / "inheritune" / "train" / "final"))
     assert final.config.num_hidden_layers == 3
+
+
+def test_train_top_warns_for_scattered_pruning(tiny_folder, corpus_file, tmp_path):
+    assert baselines.train_top_warning(0, ["prune-bi"]) is None
+    assert baselines.train_top_warning(2, ["inheritune", "prune-keep-last"]) is None
+    msg = baselines.train_top_warning(2, ["inheritune", "prune-bi", "prune-lazy"])
+    assert msg.startswith("--train-top 2 freezes the bottom of prune-bi, prune-lazy too")
+    folder = tiny_folder("llama", layers=4)
+    cfg = make_cfg(folder, corpus_file, tmp_path / "w", variants=["prune-bi"],
+                   train={**TRAIN, "train_top": 1})  # fmt: skip
+    with pytest.warns(UserWarning, match="freezes the bottom of prune-bi"):
+        compare(cfg)
+    # a cached variant trains no more: no warning the second time
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare(cfg)
+    assert not [w for w in caught if "freezes the bottom" in str(w.message)]

@@ -97,6 +97,23 @@ def default_depth(num_layers: int) -> int:
     return max(2, (num_layers // 2) // 2 * 2)
 
 
+# variants that drop scattered middle layers: their seams can lie anywhere in the stack
+SCATTERED_PRUNING = ("prune-bi", "prune-angular", "prune-lazy")
+
+
+def train_top_warning(train_top: int, names: list[str]) -> str | None:
+    """Why ``--train-top`` hurts the pruned variants among ``names`` (None when it does not)."""
+    pruned = [n for n in names if n in SCATTERED_PRUNING]
+    if not train_top or not pruned:
+        return None
+    return (
+        f"--train-top {train_top} freezes the bottom of {', '.join(pruned)} too: a pruned "
+        "stack's seams then lie in the frozen part and heal only from above (prune-bi at 16 of "
+        "SmolLM2's 30 layers ended 0.68 nats worse than with every block trained; "
+        "benchmarks/results/long-run.md). Compare pruning without --train-top."
+    )
+
+
 def unbuildable_reason(name: str, num_layers: int, depth: int) -> str | None:
     """Why ``name`` cannot be built at ``depth`` from an ``num_layers``-layer reference, if so.
 

@@ -29,6 +29,7 @@ others are listed as skipped with the reason (SmolLM2's 9 attention heads cannot
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from inheritune.baselines import (
     is_cached,
     layer_ranges,
     run_variant,
+    train_top_warning,
     unbuildable_reason,
     variant_spec,
 )
@@ -294,6 +296,9 @@ def compare(cfg: CompareConfig) -> CompareResult:
 
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
+    warning = train_top_warning(t.train_top, [n for n in specs if not done[n]])
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     rows = []
     for i, name in enumerate(specs, 1):
         tag = f"[{i}/{len(specs)}] {name}"
