@@ -97,13 +97,10 @@ def default_depth(num_layers: int) -> int:
     return max(2, (num_layers // 2) // 2 * 2)
 
 
-# variants that drop scattered middle layers: their seams can lie anywhere in the stack
-SCATTERED_PRUNING = ("prune-bi", "prune-angular", "prune-lazy")
-
-
 def train_top_warning(train_top: int, names: list[str]) -> str | None:
-    """Why ``--train-top`` hurts the pruned variants among ``names`` (None when it does not)."""
-    pruned = [n for n in names if n in SCATTERED_PRUNING]
+    """Why ``--train-top`` hurts the pruned variants among ``names`` (None when it does not):
+    those that drop layers by a score, whose seams can lie anywhere in the stack."""
+    pruned = [n for n in names if VARIANTS[n].score]
     if not train_top or not pruned:
         return None
     return (
