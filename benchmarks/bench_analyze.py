@@ -28,8 +28,9 @@ import time
 import numpy as np
 import torch
 
-from inheritune import data, models
-from inheritune.analyze import AnalyzeConfig, run_analysis, sample_inputs
+from inheritune.analysis.analyze import AnalyzeConfig, run_analysis, sample_inputs
+from inheritune.data import prepare as data
+from inheritune.models import loading as models
 
 
 def one_blas_thread():

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from inheritune import data, losses, models, monitor
+from inheritune import data
+from inheritune.models import loading as models
+from inheritune.models import losses
+from inheritune.training import monitor
 
 
 def old_linear_cross_entropy(hidden, weight, bias, targets, chunk=losses.HEAD_CHUNK_ROWS):
@@ -108,7 +111,7 @@ def main() -> None:
         f"Speed-up: {best['after'] / best['before']:.2f}x (best wall), "
         f"{per_cpu['after'] / per_cpu['before']:.2f}x (CPU time); both give the same loss "
         f"({values['after']:.6f}). The head's forward is 2·N·D·V FLOPs; the two skipped "
-        "gradient matmuls were another 4·N·D·V (tests/test_monitor.py counts them with "
+        "gradient matmuls were another 4·N·D·V (tests/training/test_monitor.py counts them with "
         f"FlopCounterMode): {extra / 1e9:.3f} GFLOP per token on top of the model's "
         f"{forward / 1e9:.3f} GFLOP forward, a {(forward + extra) / forward:.2f}x FLOP ratio.",
         "",

@@ -32,7 +32,10 @@ WRAPPER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from inheritune import cli, distributed, monitor, trainer
+from inheritune import cli
+from inheritune import distributed
+from inheritune.training import monitor
+from inheritune.training import train as trainer
 marks = {"imports": monitor.peak_memory(torch.device("cpu"))}
 real = trainer.finish
 def finish(run, *a, **k):
@@ -59,7 +62,8 @@ def model_folder(layers: int, tmp: Path) -> str:
     """The default model, or its first ``layers`` blocks saved as a folder."""
     if layers <= 0:
         return "smollm2-135m"
-    from inheritune import models, surgery
+    from inheritune.models import loading as models
+    from inheritune.surgery import build as surgery
 
     ref = models.load_model("smollm2-135m")
     small = surgery.select_layers(ref, list(range(layers)))

@@ -52,8 +52,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inheritune import assets, data, models, readers
-from inheritune.prepare import DEFAULT_SHARD_MB, _shards, prepare_tokens
+from inheritune import data
+from inheritune.data import sources as readers
+from inheritune.data.prepare import DEFAULT_SHARD_MB, _shards, prepare_tokens
+from inheritune.models import assets
+from inheritune.models import loading as models
 
 OWT_BYTES, OWT_TOKENS = 40e9, 9.0e9
 COMMAND = ".venv/bin/python benchmarks/bench_prepare.py --write benchmarks/results/prepare.md"

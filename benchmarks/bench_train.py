@@ -31,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inheritune import data, models, monitor, surgery
-from inheritune import train as T
+from inheritune import data
+from inheritune import training as T
+from inheritune.models import loading as models
+from inheritune.surgery import build as surgery
+from inheritune.training import monitor
 
 LAYERS = 15
 

@@ -37,10 +37,14 @@ from pathlib import Path
 
 import torch
 
-from inheritune import activations, bridge, data, models, surgery
-from inheritune.arch import get_arch
-from inheritune.calibrate import calibrate_final_norm
-from inheritune.losses import evaluate_loss
+from inheritune import data
+from inheritune.models import hooks as activations
+from inheritune.models import loading as models
+from inheritune.models.arch import get_arch
+from inheritune.models.losses import evaluate_loss
+from inheritune.surgery import bridge
+from inheritune.surgery import build as surgery
+from inheritune.surgery.calibrate import calibrate_final_norm
 
 
 def refit(model, ids, windows: int, iters: int) -> dict:

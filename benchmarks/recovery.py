@@ -84,12 +84,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from inheritune import assets, data, inputs, losses, surgery
-from inheritune.arch import get_arch
-from inheritune.baselines import build_initial, layer_scores
-from inheritune.bridge import BridgeConfig, build_bridged, calibration_windows
-from inheritune.calibrate import calibrate_final_norm
-from inheritune.compare import tokens_to_reach
+from inheritune import data
+from inheritune.compare.compare import tokens_to_reach
+from inheritune.compare.variants import build_initial, layer_scores
 from inheritune.config import (
     ConfigError,
     add_dataclass_args,
@@ -97,7 +94,14 @@ from inheritune.config import (
     flag,
     flag_fields,
 )
-from inheritune.train import TrainConfig, train_model
+from inheritune.data import inputs
+from inheritune.models import assets, losses
+from inheritune.models.arch import get_arch
+from inheritune.surgery import build as surgery
+from inheritune.surgery.bridge import BridgeConfig, build_bridged, calibration_windows
+from inheritune.surgery.calibrate import calibrate_final_norm
+from inheritune.training.config import TrainConfig
+from inheritune.training.train import train_model
 
 RESULTS = Path(__file__).parent / "results" / "recovery-v2.jsonl"
 VERSION = 2
@@ -479,7 +483,7 @@ def report(path: Path) -> str:
 def plot_curves(path: Path, png_stem: Path) -> list[Path]:
     """One plot per validation set: every record's loop curve (tokens trained on x) and the
     reference's loss on the same windows; written to ``png_stem``-SET.png."""
-    from inheritune import plots
+    from inheritune.analysis import plots
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("loop_reference") and r.get("curve")]

@@ -41,10 +41,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from inheritune import assets, checkpoint, data, models, readers, surgery
-from inheritune.compare import CompareConfig
+from inheritune import data
+from inheritune.compare.config import CompareConfig
 from inheritune.config import dataclass_from_dict, flat_dict, load_yaml, to_dict
-from inheritune.recipe_config import RecipeConfig
+from inheritune.data import sources as readers
+from inheritune.models import assets
+from inheritune.models import loading as models
+from inheritune.models.folders import save_hf_folder
+from inheritune.recipe.config import RecipeConfig
+from inheritune.storage import atomic_write_json, sha256_file, write_folder_atomically
+from inheritune.surgery import build as surgery
+from inheritune.training.checkpoint import checkpoints_root, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "src" / "inheritune" / "presets"
@@ -134,7 +141,7 @@ def train_tokenizer(folder: Path, vocab: int) -> dict:
     def populate(tmp: Path) -> None:
         fast.save_pretrained(tmp)
 
-    checkpoint.write_folder_atomically(folder, populate)
+    write_folder_atomically(folder, populate)
     return {"vocab_size": len(fast), "chars_total": total, "chars_trained_on": cut}
 
 
@@ -191,9 +198,7 @@ def write_init_model(folder: Path, tokenizer_dir: Path, size: dict) -> dict:
         tie_word_embeddings=True,
     )
     model = surgery.random_init(config, seed=REFERENCE_INIT_SEED)
-    checkpoint.write_folder_atomically(
-        folder, lambda tmp: checkpoint.save_hf_folder(model, tokenizer, tmp)
-    )
+    write_folder_atomically(folder, lambda tmp: save_hf_folder(model, tokenizer, tmp))
     return {"parameters": models.count_parameters(model), **size, "seed": REFERENCE_INIT_SEED}
 
 
@@ -268,7 +273,7 @@ class Stages:
 
     def save(self, name: str, entry: dict) -> None:
         self.record[name] = entry
-        checkpoint.atomic_write_json(self.path, self.record)
+        atomic_write_json(self.path, self.record)
 
     def command(self, name: str, cmd: list[str], finished: Path) -> None:
         if finished.exists() and self.done(name):
@@ -328,9 +333,7 @@ def collect(out: Path, dest: Path) -> None:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     tok = out / "tokenizer" / "tokenizer.json"
-    checkpoint.atomic_write_json(
-        dest / "tokenizer.json.sha256.json", {"tokenizer.json": checkpoint.sha256_file(tok)}
-    )
+    atomic_write_json(dest / "tokenizer.json.sha256.json", {"tokenizer.json": sha256_file(tok)})
     log(f"copied the small outputs to {dest}")
 
 
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. the reference: the compare preset's training settings, from the random init.
     train_cfg = replace(cmp_cfg.train, model=rel(init_dir), out=rel(ref_dir))
-    train_cfg.resume = bool(checkpoint.list_checkpoints(checkpoint.checkpoints_root(ref_dir)))
+    train_cfg.resume = bool(list_checkpoints(checkpoints_root(ref_dir)))
     train_yaml = out / "reference-train.yaml"
     if not stages.done("3-train-reference"):
         from inheritune.config import save_resolved
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         "stage_wall_s_total": round(sum(s.get("wall_s", 0) for s in stages.record.values()), 1),
         "this_invocation_wall_s": round(time.time() - t_all, 1),
     }
-    checkpoint.atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     log(f"done: {out}/summary.json (stages {summary['stage_wall_s_total']} s)")
     if args.collect:
         collect(out, ROOT / args.collect)

@@ -26,6 +26,27 @@ FAMILIES = (
 )
 VOCAB = 320  # 256 byte symbols + 3 specials + merges
 
+# A two-round `inheritune run` small enough for seconds (recipe and torchrun tests).
+TINY_RUN = {
+    "init_depth": "2",
+    "min_rounds": 2,
+    "max_rounds": 2,
+    "steps": 3,
+    "batch_size": 4,
+    "seq_len": 16,
+    "eval_tokens": 64,
+    "eval_every": 3,  # start and end of the 3 steps
+    "save_every": 0,  # end only
+    "log_every": 1,
+    "lr": 1e-2,
+    "warmup": 1,
+    "analysis_num_seqs": 4,
+    "analysis_seq_len": 16,
+    "speed_batch_size": 2,
+    "speed_warmup": 1,
+    "speed_iters": 2,
+}
+
 CORPUS_TEXT = (
     "To be, or not to be, that is the question:\n"
     "Whether 'tis nobler in the mind to suffer\n"
@@ -204,7 +225,7 @@ def _isolated_cache(tmp_path, monkeypatch, request):
 @pytest.fixture
 def tokens(tmp_path, tokenizer):
     """The tiny corpus (twice over) tokenised into a token folder in the test's cache."""
-    from inheritune import data
+    from inheritune.data import prepare as data
 
     p = tmp_path / "corpus.txt"
     p.write_text(CORPUS_TEXT * 2)

@@ -36,8 +36,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import CORPUS_TEXT, make_tokenizer, save_tiny
-from inheritune import checkpoint as ckpt
-from inheritune import cli, models
+from inheritune import cli
+from inheritune.models import loading as models
+from inheritune.storage import (
+    CheckpointError,
+    WriteError,
+    atomic_write_text,
+    write_folder_atomically,
+)
+from inheritune.training.checkpoint import LATEST, checkpoints_root, read_latest, verify_checkpoint
 
 LAYERS = 2
 
@@ -259,10 +266,10 @@ def _tokens_of_other_tokenizer(b: dict, t: Path) -> Path:
 
 
 def _half_written_checkpoint(out: Path) -> None:
-    root = ckpt.checkpoints_root(out)
+    root = checkpoints_root(out)
     (root / "step-00000002").mkdir(parents=True)
     (root / "step-00000002" / "model.safetensors").write_bytes(b"x")  # no manifest: torn
-    (root / ckpt.LATEST).write_text("step-00000002\n")
+    (root / LATEST).write_text("step-00000002\n")
 
 
 def case(id, command, extra, expected, prepare=None, alone=True, marks=()):
@@ -428,7 +435,7 @@ def test_user_errors_are_one_list():
     """Every error class the CLI treats as bad input, imported from its module once."""
     names = {cls.__name__ for cls in cli._user_errors()}
     assert {"ConfigError", "ModelLoadError", "DataError", "CheckpointError"} <= names
-    assert ckpt.WriteError.__mro__[1] is ckpt.CheckpointError  # printed as one line too
+    assert WriteError.__mro__[1] is CheckpointError  # printed as one line too
     assert len(names) == len(cli._user_errors())
 
 
@@ -499,13 +506,13 @@ def test_atomic_helpers_map_refused_writes(kind, tmp_path):
         def populate(tmp: Path) -> None:
             save_file({"w": big}, str(tmp / "model.safetensors"))  # raises SafetensorError
 
-        with pytest.raises(ckpt.WriteError) as e:
-            ckpt.write_folder_atomically(target, populate)
+        with pytest.raises(WriteError) as e:
+            write_folder_atomically(target, populate)
         message = str(e.value)
         assert str(target) in message and "last good state is intact" in message
         assert os.strerror(code) in message
-        with pytest.raises(ckpt.WriteError, match=os.strerror(code)):
-            ckpt.atomic_write_text(folder / "note.txt", "x" * 200_000)
+        with pytest.raises(WriteError, match=os.strerror(code)):
+            atomic_write_text(folder / "note.txt", "x" * 200_000)
         leftovers = [p.name for p in folder.rglob("*") if p.name.startswith((".tmp-", ".note"))]
         assert leftovers == []
 
@@ -513,13 +520,11 @@ def test_atomic_helpers_map_refused_writes(kind, tmp_path):
 def test_replacing_a_folder_on_a_full_disk_keeps_the_old_one(tmp_path):
     with refusing_folder(tmp_path, "full") as (folder, _):
         target = folder / "final"
-        ckpt.write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("old"))
-        with pytest.raises(ckpt.WriteError, match="No space left"):
-            ckpt.write_folder_atomically(
-                target, lambda tmp: (tmp / "a.txt").write_text("new" * 100_000)
-            )
+        write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("old"))
+        with pytest.raises(WriteError, match="No space left"):
+            write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("new" * 100_000))
         assert (target / "a.txt").read_text() == "old"
-        ckpt.verify_checkpoint(target)
+        verify_checkpoint(target)
         assert sorted(p.name for p in folder.iterdir()) == ["final"]
 
 
@@ -528,7 +533,7 @@ def test_other_errors_are_not_write_errors(tmp_path):
         raise RuntimeError("a bug, not the disk")
 
     with pytest.raises(RuntimeError, match="a bug"):
-        ckpt.write_folder_atomically(tmp_path / "x", populate)
+        write_folder_atomically(tmp_path / "x", populate)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -562,15 +567,15 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(base, tmp_pa
         assert "Traceback" not in err
         assert lines[-1].startswith("inheritune train: error: cannot write"), lines[-1]
         assert "No space left on device" in lines[-1] and "intact" in lines[-1]
-        root = ckpt.checkpoints_root(out)
-        assert ckpt.read_latest(root).name == "step-00000002"
-        ckpt.verify_checkpoint(root / "step-00000002")
+        root = checkpoints_root(out)
+        assert read_latest(root).name == "step-00000002"
+        verify_checkpoint(root / "step-00000002")
         assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
         make_room()
         assert (
             cli.main([*_train_argv(base["model"], base["corpus"], out, steps=4), "--resume"]) == 0
         )
-        assert ckpt.read_latest(root).name == "step-00000004"
+        assert read_latest(root).name == "step-00000004"
         assert json.loads((out / "result.json").read_text())["steps"] == 4
 
 

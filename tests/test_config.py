@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from inheritune import cli
 from inheritune.config import ConfigError, build, flag, flag_fields, flat_dict, to_dict
-from inheritune.recipe_config import RecipeConfig
-from inheritune.train import TrainConfig
+from inheritune.recipe.config import RecipeConfig
+from inheritune.training.config import TrainConfig
 
 # A valid starting point per command (fields every config needs to be buildable at all).
 BASE = {"inherit": {"num_layers": 2}}

@@ -23,10 +23,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import inheritune
 from conftest import CORPUS_TEXT, tiny_model
-from inheritune import checkpoint as ckpt
 from inheritune import data
-from inheritune import train as T
+from inheritune.training import checkpoint as ckpt
+from inheritune.training.config import TrainConfig
+from inheritune.training.train import train_model
 
 pytestmark = pytest.mark.slow  # two processes each importing torch + transformers
 
@@ -37,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(out: Path, **kw) -> T.TrainConfig:
+def _cfg(out: Path, **kw) -> TrainConfig:
     base = dict(
         out=str(out),
         steps=6,
@@ -52,7 +54,7 @@ def _cfg(out: Path, **kw) -> T.TrainConfig:
         log_every=1,
     )
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _worker(rank: int, world: int, port: int, tokens_dir: str, out: str, kw: dict) -> None:
@@ -66,7 +68,7 @@ def _worker(rank: int, world: int, port: int, tokens_dir: str, out: str, kw: dic
     )
     torch.set_num_threads(1)
     tokens = data.open_tokens(Path(tokens_dir))
-    T.train_model(tiny_model("llama"), None, tokens, _cfg(Path(out), **kw))
+    train_model(tiny_model("llama"), None, tokens, _cfg(Path(out), **kw))
     torch.distributed.destroy_process_group()
 
 
@@ -90,7 +92,7 @@ def tokens(tmp_path, tokenizer, monkeypatch):
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, tokens, fsdp):
     torch.set_num_threads(1)
-    single = T.train_model(tiny_model("llama"), None, tokens, _cfg(tmp_path / "one"))
+    single = train_model(tiny_model("llama"), None, tokens, _cfg(tmp_path / "one"))
     kw = {"fsdp": fsdp, "grad_accum": 2}  # 2 ranks x 2 micro-batches x 1 sequence
     args = (2, _free_port(), str(tokens.path), str(tmp_path / "two"), kw)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
@@ -133,7 +135,7 @@ def _torchrun(args: list[str], cache: Path, env_extra: dict | None = None):
         **os.environ,
         "INHERITUNE_CACHE": str(cache),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(T.__file__).parents[1]),
+        "PYTHONPATH": str(Path(inheritune.__file__).parents[1]),
         **(env_extra or {}),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -144,11 +146,12 @@ def _torchrun(args: list[str], cache: Path, env_extra: dict | None = None):
 
 
 def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
-    from inheritune import distributed as D
+    from inheritune.distributed import NODE_LOCAL_ENV, PeerError, run_once, setup
+    from inheritune.models.parallel import load_sharded_model
 
     _spawn_env(rank, world, port)
     root_p = Path(root)
-    env = D.setup()
+    env = setup()
     out: dict = {"job": env.job}
 
     # 1. Only the preparer runs fn (slowly); the other waits for the marker, then sees the file.
@@ -158,7 +161,7 @@ def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
         (root_p / "made" / "by").write_text(str(rank))
         return "made"
 
-    out["result"] = D.run_once(root_p / "made" / "by", make, env, what="a test folder")
+    out["result"] = run_once(root_p / "made" / "by", make, env, what="a test folder")
     out["made_by"] = (root_p / "made" / "by").read_text()
 
     # 2. The preparer fails: the waiting rank gets the same error type, not a hang.
@@ -167,7 +170,7 @@ def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
         raise data.DataError("corpus is empty")
 
     try:
-        D.run_once(root_p / "never", fail, env, what="the failing corpus")
+        run_once(root_p / "never", fail, env, what="the failing corpus")
     except data.DataError as e:
         out["error"] = str(e)
 
@@ -175,27 +178,27 @@ def _run_once_worker(rank: int, world: int, port: int, root: str) -> None:
     short = dataclasses.replace(env, timeout=1.0)
     if rank == 1:
         try:
-            D.run_once(root_p / "absent", lambda: None, short, what="nothing", poll=0.1)
-        except D.PeerError as e:
+            run_once(root_p / "absent", lambda: None, short, what="nothing", poll=0.1)
+        except PeerError as e:
             out["timeout"] = str(e)
 
     # 4. A node-local cache (one node per rank here): every node's local rank 0 prepares its own.
-    os.environ[D.NODE_LOCAL_ENV] = "1"
+    os.environ[NODE_LOCAL_ENV] = "1"
     node = dataclasses.replace(env, local_rank=0)
     mine = root_p / f"node{rank}"
-    D.run_once(mine / "done", lambda: mine.mkdir(), node, what="a node-local folder")
+    run_once(mine / "done", lambda: mine.mkdir(), node, what="a node-local folder")
     out["node_local"] = mine.is_dir() and (mine / "done").is_file()
-    del os.environ[D.NODE_LOCAL_ENV]
+    del os.environ[NODE_LOCAL_ENV]
 
     # 5. The sharded loader: each rank holds only its rows of every block, equal to the file's.
     from torch.distributed.tensor import DTensor
 
-    from inheritune import models
-    from inheritune.arch import get_arch
+    from inheritune.models import loading as models
+    from inheritune.models.arch import get_arch
 
     folder = root_p / "tiny"
     config = models.load_config(str(folder))
-    sharded = D.load_sharded_model(folder, config, env)
+    sharded = load_sharded_model(folder, config, env)
     whole = models.load_model(str(folder))
     local = 0
     for (name, p), (_, q) in zip(sharded.named_parameters(), whole.named_parameters(), strict=True):
@@ -237,7 +240,7 @@ def test_run_once_and_sharded_loading(tmp_path, tokenizer):
 def test_two_process_run_tokenises_once(tmp_path, tiny_folder, corpus_file):
     """`inheritune run` under torchrun on a corpus not yet cached: one token folder, no
     temporary leftovers, and the 1-process run's round losses."""
-    from test_recipe import TINY_RUN
+    from conftest import TINY_RUN
 
     model = tiny_folder("llama", layers=6)
     cache = tmp_path / "cache"
@@ -284,7 +287,8 @@ KILL_BOTH = """
 import os, signal, sys
 from pathlib import Path
 Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
-from inheritune import checkpoint, cli
+from inheritune import storage as checkpoint
+from inheritune import cli
 real, calls = checkpoint.write_manifest, []
 def write_manifest(folder, meta=None):
     calls.append(folder)

@@ -260,7 +260,7 @@ def _independent_accuracy(model, tok, limit=None):
 
 def test_harness_end_to_end_matches_independent_accuracy(tiny_folder, tmp_path, corpus_file):
     pytest.importorskip("lm_eval")
-    from inheritune.models import load_model, load_tokenizer
+    from inheritune.models.loading import load_model, load_tokenizer
 
     folder = tiny_folder("llama", layers=2, hidden=32, seed=3)
     task_yaml = _write_task(tmp_path / "tasks")
@@ -300,7 +300,7 @@ def test_harness_end_to_end_matches_independent_accuracy(tiny_folder, tmp_path, 
 
 def test_harness_folder_spec_and_limit(tiny_folder, tmp_path):
     pytest.importorskip("lm_eval")
-    from inheritune.models import load_model, load_tokenizer
+    from inheritune.models.loading import load_model, load_tokenizer
 
     folder = tiny_folder("gpt2", layers=2, hidden=32, seed=5)
     _write_task(tmp_path / "tasks", name="tiny_qa_folder")
@@ -365,9 +365,9 @@ def test_real_model_harness_and_context_helps(tmp_path):
     tokens) must give a lower loss than chunking (tokens see 0..63) on the same tokens.
     """
     pytest.importorskip("lm_eval")
-    from inheritune import assets
     from inheritune.evaluate import run_harness
-    from inheritune.models import load_model, load_tokenizer
+    from inheritune.models import assets
+    from inheritune.models.loading import load_model, load_tokenizer
 
     model, tok = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     raw = run_harness(model, tok, (str(_write_task(tmp_path / "t")),), limit=2, batch_size=4)

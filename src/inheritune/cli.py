@@ -27,34 +27,40 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "setup": Command(
-        "inheritune.assets", "", "setup", "prepare the embedded default model and corpus"
+        "inheritune.models.assets", "", "setup", "prepare the embedded default model and corpus"
     ),
     "prepare": Command(
-        "inheritune.prepare",
+        "inheritune.data.prepare",
         "PrepareConfig",
         "prepare",
         "tokenise a corpus once, in parallel and resumably, into a token folder",
     ),
     "analyze": Command(
-        "inheritune.analyze", "AnalyzeConfig", "analyze", "layer-by-layer attention-collapse report"
+        "inheritune.analysis.analyze",
+        "AnalyzeConfig",
+        "analyze",
+        "layer-by-layer attention-collapse report",
     ),
     "train": Command(
-        "inheritune.train", "TrainConfig", "train", "train a model (one process or torchrun)"
+        "inheritune.training.train",
+        "TrainConfig",
+        "train",
+        "train a model (one process or torchrun)",
     ),
     "inherit": Command(
-        "inheritune.inherit",
+        "inheritune.surgery.inherit",
         "InheritConfig",
         "inherit",
         "build a target from the reference's first layers",
     ),
     "run": Command(
-        "inheritune.recipe",
+        "inheritune.recipe.run",
         "RecipeConfig",
         "run",
         "the whole recipe: inherit, train, compare, grow",
     ),
     "compare": Command(
-        "inheritune.compare",
+        "inheritune.compare.compare",
         "CompareConfig",
         "compare",
         "baselines and pruning alternatives at equal budget",
@@ -68,12 +74,12 @@ COMMANDS: dict[str, Command] = {
 # (module, class) of every exception type that means bad input (or a refused write), not a bug.
 # Imported only while an exception is handled: up front they would load every command's libraries.
 USER_ERRORS = (
-    ("inheritune.models", "ModelLoadError"),
-    ("inheritune.data", "DataError"),
-    ("inheritune.arch", "UnsupportedModelError"),
-    ("inheritune.assets", "AssetError"),
-    ("inheritune.checkpoint", "CheckpointError"),
-    ("inheritune.trainer", "TrainingError"),
+    ("inheritune.models.loading", "ModelLoadError"),
+    ("inheritune.data.tokens", "DataError"),
+    ("inheritune.models.arch", "UnsupportedModelError"),
+    ("inheritune.models.assets", "AssetError"),
+    ("inheritune.training.checkpoint", "CheckpointError"),
+    ("inheritune.training.train", "TrainingError"),
     ("inheritune.distributed", "PeerError"),
 )
 
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # A write the OS refused outside the atomic helpers (which raise WriteError): still
         # the user's disk or permissions, not a bug, so one line too.
-        from inheritune.checkpoint import refused_write
+        from inheritune.storage import refused_write
 
         cause = refused_write(e)
         if cause is None:

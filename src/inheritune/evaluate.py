@@ -31,9 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inheritune import distributed, inputs, models
+from inheritune import distributed
 from inheritune.config import ConfigError, check_positive, flag, save_resolved, validate_numbers
+from inheritune.data import inputs
 from inheritune.distributed import DEFAULT_TIMEOUT_S
+from inheritune.models import loading as models
 
 # The zero-shot suite of the paper's FineWeb-edu comparison (PAPER.md section 4).
 PAPER_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")
@@ -466,18 +468,3 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         print(table)
         print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'config.yaml'}")
     return summary
-
-
-__all__ = [
-    "PAPER_TASKS",
-    "EvalConfig",
-    "Window",
-    "evaluate",
-    "file_perplexity",
-    "markdown_table",
-    "resolve_tasks",
-    "run_harness",
-    "sliding_windows",
-    "strided_nll",
-    "summarize",
-]

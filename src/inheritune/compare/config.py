@@ -1,0 +1,157 @@
+"""``inheritune compare``: Inheritune against every baseline and pruning alternative, same budget.
+
+The variants are built by :mod:`inheritune.baselines` (see its table) and trained with one
+shared :class:`~inheritune.train.TrainConfig`: the same corpus, the same data order (seed), the
+same tokens per step, the same ``T`` steps and the same fixed validation windows.
+
+Every variant also reports its validation loss before any training (the step-0 eval). Layers
+are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
+
+``--export-mergekit FILE`` also writes the initial layer selection of every variant built from
+reference layers as a mergekit passthrough config, one file per variant with the variant name
+inserted before the suffix (``merge.yaml`` -> ``merge.prune-bi.yaml``); each file's header
+comment lists the variants that have no selection (random init, half width) and were skipped.
+
+Outputs in ``--out``: ``compare.md`` and ``compare.json`` (one row per variant: layers,
+parameters, tokens trained, loss before and after training, tokens needed to reach the
+reference's loss), ``curves.png`` (all validation curves against the reference line), the
+resolved ``config.yaml``, and one folder per variant. A variant's ``result.json`` is written
+atomically when it finishes; re-running skips finished variants and resumes an unfinished one
+from its last checkpoint (``TrainConfig.resume``). Changing the settings that shape a variant
+(depth, steps, training settings, ...) with the same ``--out`` is refused instead of mixing runs.
+
+Bad input (an unknown variant, a depth a variant cannot build) is a :class:`ConfigError`
+before any training. Without ``--variants`` every variant the reference can build runs and the
+others are listed as skipped with the reason (SmolLM2's 9 attention heads cannot be halved, so
+``half-width`` is skipped on it); naming an unbuildable variant explicitly is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from inheritune.analysis import scoring
+from inheritune.compare.variants import (
+    VARIANTS,
+)
+from inheritune.config import (
+    ConfigError,
+    check_unit_interval,
+    nested,
+    validate_numbers,
+)
+from inheritune.surgery.bridge import BridgeConfig
+from inheritune.training import checkpoint as ckpt
+from inheritune.training.config import TrainConfig
+
+
+@dataclass
+class CompareConfig:
+    """``inheritune compare``: every baseline at the same depth, data and token budget."""
+
+    train: TrainConfig = nested(  # noqa: RUF009 (nested() returns a dataclasses.field)
+        TrainConfig,
+        overrides={"out": "runs/compare", "steps": 100},
+        owned=("resume", "teacher", "distill_alpha"),
+    )
+    # ^ the settings every variant trains with, the same flat flags as `inheritune train`
+    # (--model is the reference, --out the results folder, --steps the budget T, --seed also
+    # seeds the random inits and the calibration windows); only the defaults above differ.
+    depth: int | None = field(
+        default=None,
+        metadata={
+            "help": "layers l of every variant (default: half the reference, rounded down to "
+            "an even number so stacking can build)",
+            "min": 1,
+        },
+    )
+    variants: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated variants (default: all the reference can build): "
+            + ",".join(VARIANTS)
+        },
+    )
+    kd_alpha: float = field(
+        default=0.4,
+        metadata={"help": "the kd-* variants' loss = (1-a) LM + a KL (paper: 0.4)", "max": 1},
+    )
+    calib_windows: int = field(
+        default=16,
+        metadata={
+            "help": "training-split windows for the pruning scores (BI, angular, MaxRank)",
+            "min": 1,
+        },
+    )
+    bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
+    # ^ --bridge block: the inheritune variant becomes the reference's first l-1 layers + one
+    # fitted bridge block (still l layers; inheritune.bridge). --calib-seq-len is shared: the
+    # pruning scores' calibration windows have the same length.
+    angular_tokens: str = field(
+        default="last",
+        metadata={
+            "help": "prune-angular's tokens: 'last' (Gromov et al., PruneMe) or 'all'",
+            "choices": scoring.ANGULAR_TOKENS,
+        },
+    )
+    export_mergekit: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write each variant's reference-layer selection as a mergekit "
+            "passthrough YAML: FILE with the variant inserted (merge.yaml -> merge.prune-bi.yaml)"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "device of the reference (its loss, the scores): cpu, cuda[:N] or auto"},
+    )
+
+    def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
+        if self.variants is not None:
+            if isinstance(self.variants, str):
+                self.variants = [v for v in self.variants.split(",") if v]
+            unknown = [v for v in self.variants if v not in VARIANTS]
+            if unknown:
+                raise ConfigError(
+                    f"--variants: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}"
+                )
+            if not self.variants:
+                raise ConfigError(f"--variants is empty; known: {', '.join(VARIANTS)}")
+            if len(set(self.variants)) != len(self.variants):
+                raise ConfigError(f"--variants lists a variant twice: {self.variants}")
+        check_unit_interval("kd_alpha", self.kd_alpha)
+        if self.angular_tokens not in scoring.ANGULAR_TOKENS:
+            raise ConfigError(
+                f"--angular-tokens must be one of {', '.join(scoring.ANGULAR_TOKENS)}, "
+                f"got {self.angular_tokens!r}"
+            )
+
+    def train_config(self, out: str | Path, steps: int, distill: bool = False) -> TrainConfig:
+        """The shared training settings for one variant's run in ``out``; it resumes only when
+        there is something to resume (finished variants are cached)."""
+        resume = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out))) if out else False
+        alpha = self.kd_alpha if distill else 0.0
+        # one TensorBoard run per variant stage: <dir>/<variant>-<stage>
+        tb = (
+            self.train.tensorboard
+            and out
+            and str(Path(self.train.tensorboard) / f"{Path(out).parent.name}-{Path(out).name}")
+        )
+        return replace(
+            self.train,
+            out=str(out),
+            steps=steps,
+            resume=resume,
+            distill_alpha=alpha,
+            tensorboard=tb or None,
+        )
+
+    @property
+    def calib_seq_len(self) -> int:
+        """Tokens per calibration window (the bridge's and the pruning scores')."""
+        return self.bridging.calib_seq_len
+
+    def selected(self) -> list[str]:
+        return list(self.variants) if self.variants is not None else list(VARIANTS)

@@ -1,0 +1,224 @@
+"""The baselines and pruning alternatives ``inheritune compare`` trains beside Inheritune.
+
+Each variant is a model of depth ``l`` (the comparison depth) built from the reference in its own
+way (:func:`build_initial`) and trained with the one :class:`~inheritune.train.TrainConfig` that
+:mod:`inheritune.compare` shares between them all (:func:`run_variant`: one training stage, or
+stacking's two). A variant's ``spec.json`` (:func:`variant_spec`: what shapes its result) and
+``result.json`` cache it: a finished variant is not trained again, an unfinished one resumes.
+The variants (paper section 3 and the layer-pruning literature):
+
+=================  ===============================================================  ======
+name               initial model                                                    budget
+=================  ===============================================================  ======
+inheritune         reference layers 0..l-1 (+ embeddings, final norm, head)         T
+random             l layers, random init                                            T
+random-2x          the same random init, trained twice as long                      2T
+stacking           l/2 random layers trained T, the whole stack copied on top of    2T
+                   itself (Gong et al. 2019: [0..l/2-1, 0..l/2-1]), trained T more
+hybrid             reference layers 0..l/2-1 stacked twice the same way             T
+half-width         all L layers at half hidden size / heads, sliced weights         T
+kd-random          random l layers, loss 0.6 LM + 0.4 KL to the reference           T
+kd-every-other     reference layers 0, 2, 4, ... (l of them), same distillation     T
+lazy-init          the reference's deepest l layers (the collapsed ones)            T
+prune-bi           drop the L-l blocks of lowest Block Influence (ShortGPT)         T
+prune-angular      drop the contiguous L-l blocks of least angular distance at the  T
+                   last token (Gromov et al.; ``--angular-tokens all``: every token)
+prune-keep-last    drop the deepest layers but the final one: layers 0..l-2 and     T
+                   L-1 (Gromov et al.'s heuristic)
+prune-lazy         drop the L-l layers of lowest MaxRank (attention collapse)       T
+scratch-full       all L layers, random init (the reference's architecture trained  T
+                   from scratch; not at depth l)
+=================  ===============================================================  ======
+
+Layers are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from inheritune.analysis import scoring
+from inheritune.config import ConfigError
+from inheritune.models.arch import get_arch
+from inheritune.surgery import build as surgery
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to build and train an ``l``-layer model; ``budget`` is in units of T steps."""
+
+    name: str
+    description: str
+    budget: int = 1
+    distill: bool = False
+    score: str | None = None  # the layer score a pruning variant needs
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("inheritune", "reference layers 0..l-1"),
+        Variant("random", "random init"),
+        Variant("random-2x", "random init, trained 2T", budget=2),
+        Variant("stacking", "l/2 random layers trained T, stack copied on top, trained T", 2),
+        Variant("hybrid", "reference layers 0..l/2-1, stack copied on top"),
+        Variant("half-width", "all layers, half hidden size and heads, sliced weights"),
+        Variant("kd-random", "random init, distilled from the reference", distill=True),
+        Variant("kd-every-other", "reference layers 0,2,4,..., distilled", distill=True),
+        Variant("lazy-init", "reference layers L-l..L-1 (deepest)"),
+        Variant("prune-bi", "drop lowest Block Influence layers", score="block_influence"),
+        Variant("prune-angular", "drop least angular-distance block", score="angular_distance"),
+        Variant("prune-keep-last", "drop the deepest layers but the last (0..l-2, L-1)"),
+        Variant("prune-lazy", "drop lowest MaxRank layers", score="max_rank"),
+        Variant("scratch-full", "all L layers, random init (full depth)"),
+    ]
+}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def default_depth(num_layers: int) -> int:
+    """Half the reference, rounded down to even (stacking duplicates l/2 layers)."""
+    return max(2, (num_layers // 2) // 2 * 2)
+
+
+def train_top_warning(train_top: int, names: list[str]) -> str | None:
+    """Why ``--train-top`` hurts the pruned variants among ``names`` (None when it does not):
+    those that drop layers by a score, whose seams can lie anywhere in the stack."""
+    pruned = [n for n in names if VARIANTS[n].score]
+    if not train_top or not pruned:
+        return None
+    return (
+        f"--train-top {train_top} freezes the bottom of {', '.join(pruned)} too: a pruned "
+        "stack's seams then lie in the frozen part and heal only from above (prune-bi at 16 of "
+        "SmolLM2's 30 layers ended 0.68 nats worse than with every block trained; "
+        "benchmarks/results/long-run.md). Compare pruning without --train-top."
+    )
+
+
+def unbuildable_reason(name: str, num_layers: int, depth: int) -> str | None:
+    """Why ``name`` cannot be built at ``depth`` from an ``num_layers``-layer reference, if so.
+
+    (Half width also depends on the head counts; :func:`half_width_reason` asks surgery.)
+    """
+    L, d = num_layers, depth
+    if name in ("stacking", "hybrid") and d % 2:
+        return f"needs an even --depth (l/2 layers are stacked twice), got {d}"
+    if name == "kd-every-other" and 2 * (d - 1) > L - 1:
+        return (
+            f"needs reference layers {layer_ranges(list(range(0, 2 * d, 2)))} but the reference has "
+            f"{L}; use --depth <= {(L + 1) // 2}"
+        )
+    return None
+
+
+def check_depth(depth: int, num_layers: int) -> None:
+    if depth >= num_layers:
+        raise ConfigError(
+            f"--depth {depth} must be smaller than the reference's {num_layers} layers "
+            f"(choose 1-{num_layers - 1})"
+        )
+
+
+def half_width_reason(reference: nn.Module) -> str | None:
+    try:
+        surgery.half_width(reference)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def layer_scores(
+    reference: nn.Module, windows: np.ndarray, drop: int, angular_tokens: str
+) -> dict[str, list[float]]:
+    """The pruning variants' layer scores on calibration windows (one forward for BI and
+    angular distance, one eager pass for MaxRank)."""
+    states = scoring.block_states(reference, windows)
+    angular = scoring.angular_distances_from_states(states, drop, angular_tokens)
+    scores = {
+        "block_influence": scoring.block_influence_from_states(states).tolist(),
+        "angular_distance": angular.tolist(),
+        "max_rank": _max_ranks(reference, windows),
+    }
+    del states
+    return scores
+
+
+def _max_ranks(reference: nn.Module, windows: np.ndarray) -> list[float]:
+    """MaxRank per layer (PAPER.md section 1, tau = 0.9) on the calibration windows."""
+    from inheritune.analysis import analyze
+
+    result = analyze.run_analysis(reference, windows, analyze.AnalyzeConfig(), progress=False)
+    return [float(x) for x in result.max_rank]
+
+
+def build_initial(
+    reference: nn.Module,
+    name: str,
+    depth: int,
+    seed: int,
+    scores: Callable[[], dict[str, list[float]]],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The untrained ``depth``-layer model of variant ``name`` and a record of how it was made;
+    ``scores()`` gives the pruning variants' layer scores (computed only when needed)."""
+    ref, d = reference, depth
+    L = get_arch(ref).num_layers
+    if name == "inheritune":
+        return surgery.first_layers(ref, d), {"layers_from": list(range(d))}
+    if name in ("random", "random-2x", "kd-random"):
+        # One seed for all three: they start from the very same weights.
+        return surgery.random_init(ref.config, d, seed=seed), {"layers_from": None}
+    if name == "hybrid":
+        idx = list(range(d // 2)) * 2
+        return surgery.select_layers(ref, idx, allow_repeats=True), {"layers_from": idx}
+    if name == "half-width":
+        return surgery.half_width(ref), {"layers_from": list(range(L)), "width": "half"}
+    if name == "scratch-full":  # the reference's own architecture from scratch: exempt from l
+        return surgery.random_init(ref.config, L, seed=seed), {"layers_from": None, "depth": L}
+    if name == "kd-every-other":
+        idx = list(range(0, 2 * d, 2))
+        return surgery.select_layers(ref, idx), {"layers_from": idx}
+    if name == "lazy-init":
+        idx = list(range(L - d, L))
+        return surgery.select_layers(ref, idx), {"layers_from": idx}
+    if name == "prune-keep-last":
+        drop = scoring.keep_last_drop(L, L - d)
+        keep = [i for i in range(L) if i not in set(drop)]
+        return surgery.drop_layers(ref, drop), {"layers_from": keep, "dropped": drop}
+    if name in ("prune-bi", "prune-angular", "prune-lazy"):
+        scores = scores()
+        k = L - d
+        if name == "prune-bi":
+            drop = scoring.lowest_bi_drop(scores["block_influence"], k)
+        elif name == "prune-angular":
+            drop = scoring.best_block_drop(scores["angular_distance"], k)
+        else:  # collapse is a property of depth: among equal MaxRanks drop the deeper layer
+            drop = scoring.lowest_score_drop(scores["max_rank"], k, prefer_deep=True)
+        keep = [i for i in range(L) if i not in set(drop)]
+        return surgery.drop_layers(ref, drop), {"layers_from": keep, "dropped": drop}
+    raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")  # unreachable
+
+
+def layer_ranges(idx: list[int]) -> str:
+    """Layer lists for the table: [0,1,2,5] -> '0-2,5'; [0,2,4,6] -> '0,2,...,6'."""
+    if len(idx) > 3 and all(b - a == 2 for a, b in itertools.pairwise(idx)):
+        return f"{idx[0]},{idx[1]},...,{idx[-1]}"
+    parts: list[str] = []
+    start = prev = idx[0] if idx else None
+    for i in [*idx[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = i
+    return ",".join(parts) if idx else "-"

@@ -1,0 +1,166 @@
+"""A model's residual stream through hooks: read it at two depths, or run one block on it alone.
+
+:func:`collect_states` runs the reference once per batch and keeps the stream after its first l
+blocks (h_l) and the final norm's input (h_L), stopping the forward there (the head never runs).
+:class:`BlockRunner` calls one block on given hidden states exactly as the model's own forward
+calls it. :mod:`inheritune.bridge` fits its bridge block with both.
+
+[merged from distill.py]
+Distillation from the reference, with the frozen bottom shared between student and teacher.
+
+When the student's bottom ``k`` blocks are frozen, unchanged copies of the reference's (the
+inherited model trained with ``--train-top``), the teacher's activations entering block ``k``
+are exactly the student's. :class:`Teacher` then runs only the teacher's blocks ``k..L-1``
+(plus its final norm and head) from the student's own hidden state at block ``k``, instead of
+a full teacher forward: a fraction of the cost for the same logits (RECOVERY.md, lever 3).
+
+Used by :class:`inheritune.losses.CausalLMLoss`: ``student_forward`` captures the hidden
+state entering block ``k`` with a forward pre-hook, :meth:`Teacher.outputs` substitutes it for
+the input of the teacher's first kept block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from inheritune.config import ConfigError
+from inheritune.models.arch import UnsupportedModelError, get_arch
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early once what it needed has been seen."""
+
+
+def _tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def collect_states(
+    reference: nn.Module, windows: torch.Tensor | np.ndarray, depth: int, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_l, h_L), each (n, T, D) float32 on the CPU: the residual stream after the reference's
+    first ``depth`` blocks and after all of them (the final norm's input), on token ``windows``
+    (n, T). One forward per batch, blocks only (the head never runs)."""
+    arch = get_arch(reference)
+    if arch.final_norm is None:
+        raise UnsupportedModelError(
+            f"{type(reference).__name__} has no final norm; a bridge needs one"
+        )
+    if not 1 <= depth < arch.num_layers:
+        raise ConfigError(
+            f"a bridge needs 1 <= --num-layers < {arch.num_layers} (the reference's depth), "
+            f"got {depth}"
+        )
+    ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    device = next(reference.parameters()).device
+    low: list[torch.Tensor] = []
+    high: list[torch.Tensor] = []
+
+    def take_low(mod, args, out):
+        low.append(_tensor(out).detach().float().cpu())
+
+    def take_high(mod, args):
+        high.append(args[0].detach().float().cpu())
+        raise _Stop  # the final norm itself is not needed
+
+    hooks = [
+        arch.layers[depth - 1].register_forward_hook(take_low),
+        arch.final_norm.register_forward_pre_hook(take_high),
+    ]
+    was_training = reference.training
+    reference.eval()
+    try:
+        for s in range(0, len(ids), batch_size):
+            with contextlib.suppress(_Stop):
+                reference.base_model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        reference.train(was_training)
+    return torch.cat(low), torch.cat(high)
+
+
+class BlockRunner:
+    """Calls block ``i`` of ``model`` on given hidden states, alone.
+
+    A block's forward needs what the base model computes once per forward (rotary embeddings,
+    the causal mask of its attention type, position ids), whose form differs by family and
+    version. They are captured from the model's own forward by a pre-hook (per batch shape; the
+    forward stops there), so the block is called exactly as the model calls it.
+    """
+
+    def __init__(self, model: nn.Module, i: int):
+        self.model = model
+        self.block = get_arch(model).layers[i]
+        self._inputs: dict[tuple[int, int], tuple[tuple, dict]] = {}
+
+    @torch.no_grad()
+    def _capture(self, b: int, t: int) -> tuple[tuple, dict]:
+        if (b, t) not in self._inputs:
+            seen: list[tuple[tuple, dict]] = []
+
+            def grab(mod, args, kwargs):
+                seen.append((args[1:], dict(kwargs)))
+                raise _Stop
+
+            hook = self.block.register_forward_pre_hook(grab, with_kwargs=True)
+            device = next(self.model.parameters()).device
+            # any token will do (the inputs captured depend on the shape only), but not the pad
+            # token, which makes some families warn about a missing attention mask
+            token = 2 if getattr(self.model.config, "pad_token_id", None) == 1 else 1
+            try:
+                with contextlib.suppress(_Stop):
+                    self.model.base_model(
+                        input_ids=torch.full((b, t), token, dtype=torch.long, device=device),
+                        use_cache=False,
+                    )
+            finally:
+                hook.remove()
+            self._inputs[(b, t)] = seen[0]
+        return self._inputs[(b, t)]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D) float32
+        args, kwargs = self._capture(*hidden.shape[:2])
+        p = next(self.block.parameters())
+        return _tensor(self.block(hidden.to(p.device, p.dtype), *args, **kwargs)).float()
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@contextlib.contextmanager
+def capture_block_input(block: nn.Module, into: dict[str, Any]) -> Iterator[None]:
+    """Record the hidden state entering ``block`` during a forward, as ``into["hidden"]``."""
+
+    def hook(_mod, args, kwargs):
+        into["hidden"] = _hidden_arg(args, kwargs).detach()
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def replace_block_input(block: nn.Module, hidden: torch.Tensor) -> Iterator[None]:
+    """Make ``block`` receive ``hidden`` instead of what the layers below computed."""
+
+    def hook(_mod, args, kwargs):
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,431 @@
+"""``inheritune run``: the whole Inheritune recipe (paper Alg. 1) as one resumable job.
+
+1. analyse the reference's attention collapse (:mod:`inheritune.analyze`);
+2. choose the initial depth: L/2 (paper), the analysis-based suggestion, or a number;
+3. inherit the reference's embeddings, first l blocks, final norm and head
+   (:func:`inheritune.surgery.first_layers`);
+4. train the target for ``steps`` steps (:func:`inheritune.train.train_model`);
+5. compare its validation loss with the target loss -- the reference's zero-shot loss, or the
+   reference trained with the same budget -- on the same fixed validation windows;
+6. while worse (by more than ``tolerance``): grow by ``grow_by`` layers and train again, up to
+   ``max_depth`` layers or ``max_rounds`` rounds.
+
+Growth modes: ``reinit`` (the paper's: each round restarts from the reference's first l layers)
+and ``warm`` (keep the previous round's trained model and append the next reference layers).
+
+Resuming: ``OUT/run_state.json`` (written atomically after every finished step of the recipe)
+lists the analysis, the reference's loss and every finished round. Running the same command
+again skips what is finished and resumes an unfinished round from its own checkpoints
+(``OUT/rounds/round-NN-LK``, training loop resume). Settings that decide when to stop
+(``max_rounds``, ``max_depth``, ``min_rounds``, ``tolerance``) may change between runs, so a
+finished run can be continued with a larger budget; anything else must match.
+
+Outputs in ``OUT``: ``final_model/`` (Hugging Face folder), ``report.json``, ``report.md``,
+``curves.png``, ``analysis/`` (collapse plots and numbers), ``config.yaml`` (resolved config).
+
+Usage::
+
+    inheritune run --config src/inheritune/presets/demo.yaml --out runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inheritune import data, distributed
+from inheritune.analysis import analyze as analyze_mod
+from inheritune.analysis import report as analysis_report
+from inheritune.config import ConfigError, save_resolved, to_dict
+from inheritune.data import inputs
+from inheritune.models import loading as models
+from inheritune.models import losses
+from inheritune.models.arch import get_arch
+from inheritune.models.folders import copy_model_folder
+from inheritune.recipe.config import RecipeConfig
+from inheritune.recipe.growth import (
+    RunState,
+    choose_init_depth,
+    matches,
+    next_step,
+    resolve_max_depth,
+    warm_grow,
+)
+from inheritune.recipe.report import build_report, measure_speeds, verdict_line, write_report
+from inheritune.storage import atomic_write_json
+from inheritune.surgery import bridge
+from inheritune.surgery import build as surgery
+from inheritune.surgery.calibrate import calibrate_final_norm
+from inheritune.training.config import TrainConfig
+from inheritune.training.train import TrainResult, train_model
+
+
+def _round_dir(out: Path, round_no: int, depth: int) -> Path:
+    return out / "rounds" / f"round-{round_no:02d}-L{depth}"
+
+
+def _eval_record(result: TrainResult, out: Path) -> dict[str, Any]:
+    return {
+        "steps": int(result.steps),
+        "tokens": int(result.tokens),
+        "wall_s": float(result.wall_s),
+        "val_loss": float(result.final_val_loss),
+        "val_ppl": _ppl(result.final_val_loss),
+        "tokens_per_s": float(result.tokens_per_s),
+        "evals": [
+            {k: (float(v) if isinstance(v, float) else v) for k, v in e.items()}
+            for e in result.evals
+        ],
+        "model_dir": _rel(Path(result.final_dir), out),
+    }
+
+
+def _ppl(loss: float) -> float:
+    return float(math.exp(min(loss, 50.0)))
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _log(msg: str) -> None:
+    if distributed.setup().is_main:
+        print(f"[inheritune run] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the recipe's steps
+
+
+@dataclass
+class RecipeResult:
+    """What ``run`` returns: the report dict and where things were written."""
+
+    out: Path
+    report: dict[str, Any]
+    report_md: Path
+    final_model: Path
+
+
+@dataclass
+class _Job:
+    """What every step of one invocation shares."""
+
+    cfg: RecipeConfig
+    out: Path
+    state: RunState
+    env: distributed.DistEnv
+    reference: torch.nn.Module
+    tokenizer: Any
+    tokens: data.Tokens
+    windows: Any  # the fixed validation windows of every round and the reference
+    extra_windows: Any = None  # --extra-eval's windows (same length and count), if any
+
+    def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
+        """Mean loss on ``windows`` with the rounds' own micro-batch and precision."""
+        t = self.cfg.train
+        return losses.evaluate_loss(model, windows, t.micro_batch(), t.precision)
+
+    def extra_loss(self, model: torch.nn.Module) -> float | None:
+        return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
+
+    @property
+    def num_layers(self) -> int:
+        return get_arch(self.reference).num_layers
+
+
+def _analysis_step(job: _Job) -> None:
+    """Step 1, once per run: collapse metrics of the reference, plots in OUT/analysis."""
+    cfg, out, state = job.cfg, job.out, job.state
+    if state.analysis is not None or not cfg.analysis:
+        return
+    acfg = cfg.analyze_config(out / "analysis")
+    ids = analyze_mod.sample_inputs(job.tokens.val, acfg)
+    _log(f"step 1: analysing {acfg.num_seqs} windows x {acfg.seq_len} tokens")
+    result = analyze_mod.run_analysis(job.reference, ids, acfg, model_name=cfg.train.model)
+    result.data, result.seed = cfg.train.data, cfg.train.seed
+    paths = {}
+    if job.env.is_main:
+        paths = analysis_report.write_report(result, out / "analysis")
+        save_resolved(acfg, out / "analysis" / "config.yaml")
+        print(analysis_report.summary_table(result), file=sys.stderr)
+    depth, rule = result.suggestion
+    state.analysis = {
+        "json": "analysis/analysis.json",
+        "plots": [_rel(p, out) for k, p in paths.items() if str(p).endswith(".png")],
+        "lazy_layers": result.lazy_layers,
+        "max_rank": [round(float(x), 4) for x in result.max_rank],
+        "suggested_depth": {"paper_half": result.half_depth, "analysis": depth, "rule": rule},
+        "seconds": round(result.seconds, 1),
+    }
+    state.save()
+
+
+def _reference_step(job: _Job) -> tuple[float, str]:
+    """Step 5's yardstick: the reference's own loss (once per run), and the target loss."""
+    cfg, state = job.cfg, job.state
+    if state.reference is None:
+        _log(
+            f"reference validation loss on {len(job.windows)} windows x {cfg.train.seq_len} tokens"
+        )
+        t0 = time.perf_counter()
+        loss = job.evaluate(job.reference, job.windows)  # the rounds' own windows and batch
+        state.reference = {
+            "layers": job.num_layers,
+            "parameters": models.count_parameters(job.reference),
+            "val_loss": float(loss),
+            "val_ppl": _ppl(loss),
+            "extra_val_loss": job.extra_loss(job.reference),
+            "seconds": time.perf_counter() - t0,
+        }
+        state.save()
+    if cfg.target == "reference":
+        return state.reference["val_loss"], "reference (zero-shot)"
+    _train_reference(job)
+    label = {"trained-reference": "trained reference", "scratch-reference": "scratch reference"}
+    return state.trained_reference["val_loss"], label[cfg.target]
+
+
+def _train_reference(job: _Job) -> None:
+    """The targets 'trained-reference' (the reference trained further) and 'scratch-reference'
+    (its architecture from random init, the paper's protocol), each with one round's budget."""
+    if job.state.trained_reference is not None:
+        return
+    cfg, scratch = job.cfg, job.cfg.target == "scratch-reference"
+    how = "from scratch" if scratch else "further"
+    _log(f"training the reference {how} for {cfg.train.steps} steps (the target to match)")
+    if scratch:
+        model = surgery.random_init(job.reference.config, job.num_layers, seed=cfg.train.seed)
+    else:
+        model = surgery.select_layers(job.reference, range(job.num_layers))
+    folder = "reference-scratch" if scratch else "reference-trained"
+    tcfg = cfg.round_train_config(job.out / folder)
+    result = _train(job, model, tcfg, None, f"reference ({how})")
+    job.state.trained_reference = {"kind": cfg.target, **_eval_record(result, job.out)}
+    job.state.save()
+
+
+def _train(job: _Job, model, tcfg: TrainConfig, teacher, desc: str, extra=None) -> TrainResult:
+    """One training run; a SIGINT/SIGTERM (checkpoint saved) ends the recipe to be resumed."""
+    if tcfg.resume:
+        _log(f"{desc}: resuming from the checkpoints in {tcfg.out}")
+    result = train_model(
+        model, job.tokenizer, job.tokens, tcfg, teacher=teacher, desc=desc, extra_eval=extra
+    )
+    if result.interrupted:
+        _log(f"{desc}: stopped at step {result.steps}; run the same command again to resume")
+        raise SystemExit(128 + result.stop_signal)  # the shell convention for "killed by signal"
+    return result
+
+
+def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
+    """Fit the final norm of a fresh target on a few training windows (inheritune.calibrate)."""
+    cfg = job.cfg
+    n, seq = cfg.calibrate_windows, cfg.train.seq_len + 1
+    ids = data.sample_windows(job.tokens.train, n, seq, cfg.train.seed + 7)
+    device = next(model.parameters()).device
+    res = calibrate_final_norm(model, torch.from_numpy(ids).to(device), iters=cfg.calibrate_iters)
+    _log(
+        f"round {round_no}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
+        f"nats/token on {n} training windows ({res['seconds']:.0f} s)"
+    )
+    return {k: round(v, 4) for k, v in res.items()}
+
+
+def _build_round_model(job: _Job, depth: int):
+    """Step 3 (and the growth of step 6): the model a round starts from."""
+    cfg, state = job.cfg, job.state
+    prev = state.rounds[-1] if state.rounds else None
+    if cfg.growth == "warm" and prev is not None:
+        trained = models.load_model(
+            str(job.out / prev["model_dir"]), trust_remote_code=cfg.train.trust_remote_code
+        )
+        return warm_grow(trained, job.reference, depth, cfg.parts)
+    return surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+
+
+def _bridged_round_model(job: _Job, depth: int, rdir: Path) -> tuple[Any, dict[str, Any]]:
+    """``--bridge block``: the reference's first ``depth`` blocks + a fitted bridge block.
+
+    The fit is recorded in ``rdir/bridge.json``; a round resumed from its checkpoints gets the
+    architecture only (its weights come from the checkpoint)."""
+    cfg, record = job.cfg.bridging, rdir / "bridge.json"
+    seed = job.cfg.train.seed
+    if (rdir / "checkpoints").exists() and record.is_file():
+        model = bridge.add_bridge_block(job.reference, depth, cfg.bridge_init, seed=seed)
+        return model, json.loads(record.read_text())
+    ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
+    model, stats = bridge.build_bridged(job.reference, depth, ids, cfg, seed=seed)
+    if job.env.is_main:
+        atomic_write_json(record, stats)
+    _log(
+        f"bridge block on {depth} layers: fit loss {stats['fit_loss_before']:.4f} -> "
+        f"{stats['fit_loss_after']:.4f} ({stats['wall_seconds']:.0f} s)"
+    )
+    return model, stats
+
+
+def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict[str, Any]:
+    """Steps 3-5 for one depth: build, (calibrate), train, compare; recorded in the run state."""
+    cfg = job.cfg
+    _log(f"round {round_no}: {depth} layers, {cfg.train.steps} steps ({cfg.growth})")
+    rdir = _round_dir(job.out, round_no, depth)
+    bridged, t_build = None, time.perf_counter()
+    if cfg.bridging.bridge == "block":
+        model, bridged = _bridged_round_model(job, depth, rdir)
+    else:
+        model = _build_round_model(job, depth)
+    calibration = None
+    if cfg.calibrate_iters > 0 and bridged is None and not (rdir / "checkpoints").exists():
+        calibration = _calibrate(job, model, round_no)
+    params = models.count_parameters(model)  # before training: FSDP shards in place
+    build_s = time.perf_counter() - t_build
+    teacher = job.reference if cfg.train.distill_alpha > 0 else None
+    layers = get_arch(model).num_layers
+    desc = f"round {round_no} ({layers} layers)"
+    extra = {cfg.extra_eval: job.extra_windows} if job.extra_windows is not None else None
+    result = _train(job, model, cfg.round_train_config(rdir), teacher, desc, extra)
+    done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
+    done.update(_eval_record(result, job.out))
+    done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
+    if extra:  # scored by the loop at its first and last evaluation
+        first, last = result.evals[0]["extra"], result.evals[-1]["extra"]
+        done["extra_val_loss"] = {"start": first[cfg.extra_eval], "end": last[cfg.extra_eval]}
+    if calibration is not None:
+        done["calibration"] = calibration
+    if bridged is not None:
+        # the bridge's effect: the same l inherited layers without it, on the same windows
+        plain = surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+        done["bridge"] = {**bridged, "val_loss_without_bridge": job.evaluate(plain, job.windows)}
+    done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
+    job.state.rounds.append(done)
+    job.state.save()
+    return done
+
+
+def _rounds(job: _Job, init: int, max_depth: int, target_loss: float) -> tuple[list[dict], str]:
+    """Steps 3-6: train round after round until matched or out of budget."""
+    cfg, out = job.cfg, job.out
+    depth: int | None = init
+    round_no, stop_reason = 0, ""
+    while depth is not None:
+        round_no += 1
+        done = job.state.rounds[round_no - 1] if round_no <= len(job.state.rounds) else None
+        if done is not None and done.get("depth", done["layers"]) != depth:
+            raise ConfigError(
+                f"--out {out}: finished round {round_no} has {done['layers']} layers but this "
+                f"schedule asks for {depth}; use the same depth settings or another --out"
+            )
+        if done is None:
+            done = _run_round(job, round_no, depth, target_loss)
+        # Re-decided on every run, so a changed tolerance or budget takes effect on resume.
+        done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
+        verdict = "matched" if done["matched"] else "worse"
+        _log(
+            f"round {round_no}: {depth} layers, val loss {done['val_loss']:.4f} vs target "
+            f"{target_loss:.4f}: {verdict}"
+        )
+        depth, stop_reason = next_step(round_no, depth, done["matched"], cfg, max_depth)
+    return job.state.rounds[:round_no], stop_reason
+
+
+def _final_model(job: _Job, last: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """OUT/final_model (an atomic copy of the last round's model) and its inference speed."""
+    cfg = job.cfg
+    src, final_dir = job.out / last["model_dir"], job.out / "final_model"
+    final = models.load_model(str(src), trust_remote_code=cfg.train.trust_remote_code)
+    if job.env.is_main:
+        copy_model_folder(src, final_dir, job.tokenizer)
+    speed_len = cfg.speed_seq_len or cfg.train.seq_len
+    _log(f"timing inference: batch {cfg.speed_batch_size} x {speed_len} tokens")
+    kw = {"warmup": cfg.speed_warmup, "iters": cfg.speed_iters, "seed": cfg.train.seed}
+    pair = {"target": final.to(job.env.device), "reference": job.reference}
+    t0 = time.perf_counter()
+    speeds = measure_speeds(pair, cfg.speed_batch_size, speed_len, **kw)
+    speed = {
+        "device": str(job.env.device),
+        "batch_size": cfg.speed_batch_size,
+        "seq_len": speed_len,
+        "iters": cfg.speed_iters,
+        "warmup": cfg.speed_warmup,
+        "target_tokens_per_s": speeds["target"]["tokens_per_s"],
+        "reference_tokens_per_s": speeds["reference"]["tokens_per_s"],
+        "speedup": speeds["target"]["tokens_per_s"] / speeds["reference"]["tokens_per_s"],
+        "seconds": time.perf_counter() - t0,
+    }
+    return final_dir, speed
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run(cfg: RecipeConfig) -> RecipeResult:
+    """The ``inheritune run`` command: Algorithm 1, resumable, with a report at the end."""
+    t_start = time.perf_counter()
+    out, env = Path(cfg.train.out), distributed.setup(cfg.train.dist_timeout)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    state = RunState.open(out, cfg, write=env.is_main)
+    # Cheap checks before any weights load: the config, the tokenizer, the data.
+    seq_lens = {"seq_len": cfg.train.seq_len}
+    if cfg.analysis:
+        seq_lens["analysis_seq_len"] = cfg.analysis_seq_len
+    loaded = inputs.load(
+        cfg.train.model,
+        cfg.train.data,
+        device="auto",
+        trust_remote_code=cfg.train.trust_remote_code,
+        seq_lens=seq_lens,
+        dist_timeout=cfg.train.dist_timeout,
+    )
+    if cfg.init_depth.isdigit():  # refused before --out is written (analysis needs none)
+        choose_init_depth(cfg.init_depth, int(loaded.config.num_hidden_layers), None)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out / "config.yaml")
+    distributed.barrier(env)
+    windows = data.eval_windows(loaded.tokens, cfg.train.seq_len, cfg.train.eval_tokens)
+    job = _Job(cfg, out, state, env, loaded.model, loaded.tokenizer, loaded.tokens, windows)
+    if cfg.extra_eval:
+        extra = inputs.load_tokens(cfg.extra_eval, loaded.tokenizer, val_fraction=1.0)
+        job.extra_windows = data.eval_windows(extra, cfg.train.seq_len, cfg.train.eval_tokens)
+
+    _analysis_step(job)
+    init = choose_init_depth(cfg.init_depth, job.num_layers, state.analysis)
+    max_depth = resolve_max_depth(cfg.max_depth, job.num_layers, init)
+    _log(f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth {cfg.init_depth})")
+    target_loss, target_label = _reference_step(job)
+    _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
+    rounds, stop_reason = _rounds(job, init, max_depth, target_loss)
+    final_dir, speed = _final_model(job, rounds[-1])
+    report = build_report(
+        cfg=to_dict(cfg),
+        state={"reference": state.reference, "trained_reference": state.trained_reference},
+        analysis=state.analysis,
+        rounds=rounds,
+        target={
+            "kind": cfg.target,
+            "label": target_label,
+            "val_loss": target_loss,
+            "extra_eval": cfg.extra_eval,
+        },
+        depths={"init_mode": cfg.init_depth, "init": init, "max": max_depth},
+        eval_windows=len(windows),
+        final={"stop_reason": stop_reason, "model_dir": _rel(final_dir, out), "speed": speed},
+        seconds=time.perf_counter() - t_start,
+    )
+    md = out / "report.md"
+    if env.is_main:
+        md = write_report(report, out)
+        print(verdict_line(report) + f"\nreport: {md}\nfinal model: {final_dir}")
+    distributed.barrier(env)
+    return RecipeResult(out, report, md, final_dir)

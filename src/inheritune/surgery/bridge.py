@@ -1,0 +1,421 @@
+"""A bridge block: one extra decoder block that carries the inherited stack to the head's input.
+
+The first l blocks of a reference end in a residual stream h_l that the reference's final norm
+and head were never trained to read: they read h_L, the stream after all L blocks. On SmolLM2 the
+first 15 of 30 layers start at 19.8 nats/token as inherited and 7.4 after refitting the final
+norm's gain; an unrestricted linear map h_l -> h_L before the final norm reaches 5.15, but it
+cannot be folded into standard weights (the skip path is unnormalised). A bridge gives that map a
+body of the reference's own class: one decoder block appended after the l inherited ones
+(LLM-Streamline, ICLR 2025, replaces a pruned span by one trained layer), fitted on cached
+activations to reproduce h_L from h_l; optionally the final norm's gain is refitted afterwards
+(:mod:`inheritune.calibrate`). The result is a standard checkpoint with l + 1 layers, which on
+SmolLM2 starts at 4.95 (reference 3.87), built in ~1 CPU-minute (benchmarks/results/bridge.md).
+
+Usage::
+
+    ref = models.load_model("smollm2-135m")
+    cfg = BridgeConfig(bridge="block")
+    ids = calibration_windows(tokens.train, cfg)                       # (64, 128) training
+    model, stats = build_bridged(ref, 15, ids, cfg)
+    model.save_pretrained("runs/smol15-bridge")                         # 16 layers, plain HF
+
+The pieces are separate functions: :func:`~inheritune.activations.collect_states` (one
+reference forward with hooks), :func:`fit_linear_map` (the closed-form reference point),
+:func:`add_bridge_block` (surgery), :func:`fit_bridge` (AdamW on the bridge block alone, run by
+:class:`~inheritune.activations.BlockRunner`; the blocks below never run again).
+
+Fit loss: next-token prediction only sees each token's direction after the final norm, so the
+loss is scale-invariant, 1 - cosine between the bridge's output and h_L per token, each first
+normalised as the final norm would (mean removed for LayerNorm families) and weighted per channel
+by the reference's final-norm gain, so channels count as much as the head reads them. Position 0
+is left out: it is the attention sink, whose stream has a huge norm and carries no prediction
+that matters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inheritune.config import ConfigError, check_positive, validate_numbers
+from inheritune.models.arch import get_arch
+from inheritune.models.hooks import BlockRunner, collect_states
+
+BRIDGES = ("none", "block")
+# Which reference block the bridge starts as: "last" = block L-1 (it writes h_L, the stream the
+# head reads), "next" = block l (the one that followed the inherited stack), "repeat" = block
+# l-1 again.
+BRIDGE_INITS = ("last", "next", "repeat")
+
+
+def _h(text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": text, **kw}
+
+
+@dataclass
+class BridgeConfig:
+    """How the bridge block is built and fitted (``--bridge block``); the configs of
+    ``inherit``, ``run`` and ``compare`` hold it as their ``bridging`` field (the same flags)."""
+
+    bridge: str = field(
+        default="none",
+        metadata=_h(
+            "none: the inherited stack as is; block: one extra decoder block after the l "
+            "inherited ones, fitted to reproduce the reference's last hidden state, then the "
+            "final norm refitted (a standard checkpoint with l + 1 layers)",
+            choices=BRIDGES,
+        ),
+    )
+    bridge_init: str = field(
+        default="last",
+        metadata=_h(
+            "reference block the bridge starts from: last (block L-1), next (block l), repeat "
+            "(block l-1)",
+            choices=BRIDGE_INITS,
+        ),
+    )
+    calib_tokens: int = field(
+        default=8192, metadata=_h("training-split tokens whose activations fit the bridge")
+    )
+    calib_seq_len: int = field(default=128, metadata=_h("tokens per calibration window"))
+    # Defaults chosen on held-out TRAINING windows (benchmarks/results/bridge.md): lr 3e-4 /
+    # 1e-3 / 3e-3 / 1e-2 / 2e-2 / 4e-2 and batch 4 vs 8 at equal tokens; "last" beat "next" and
+    # "repeat"; a final-norm refit on 4-8 windows made the bridged model worse (overfit), on 16
+    # windows better by ~0.1 at twice the time, so it is off by default.
+    bridge_steps: int = field(default=300, metadata=_h("AdamW steps fitting the bridge block"))
+    bridge_lr: float = field(default=2e-2, metadata=_h("peak learning rate of the bridge fit"))
+    bridge_batch: int = field(default=4, metadata=_h("calibration windows per bridge step"))
+    norm_iters: int = field(
+        default=0,
+        metadata=_h(
+            "L-BFGS iterations refitting the final norm after the bridge (0: off; on few "
+            "windows the refit overfits)"
+        ),
+    )
+    norm_windows: int = field(
+        default=16, metadata=_h("calibration windows used by the final-norm refit")
+    )
+
+    def __post_init__(self) -> None:
+        validate_numbers(self)  # finite, in range, of the declared type (config.py)
+        if self.bridge not in BRIDGES:
+            raise ConfigError(f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
+        if self.bridge_init not in BRIDGE_INITS:
+            raise ConfigError(
+                f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {self.bridge_init!r}"
+            )
+        check_positive("calib_seq_len", self.calib_seq_len)
+        if self.calib_seq_len < 2:
+            raise ConfigError(f"--calib-seq-len must be >= 2, got {self.calib_seq_len}")
+        if self.calib_tokens < 2 * self.calib_seq_len:
+            raise ConfigError(
+                f"--calib-tokens {self.calib_tokens} gives fewer than 2 windows of "
+                f"--calib-seq-len {self.calib_seq_len} (one is held out to check the fit)"
+            )
+        check_positive("bridge_steps", self.bridge_steps, allow_zero=True)
+        check_positive("bridge_lr", self.bridge_lr)
+        check_positive("bridge_batch", self.bridge_batch)
+        check_positive("norm_iters", self.norm_iters, allow_zero=True)
+        check_positive("norm_windows", self.norm_windows)
+
+    @property
+    def calib_windows(self) -> int:
+        return self.calib_tokens // self.calib_seq_len
+
+
+# --------------------------------------------------------------------------- the linear map
+
+
+def _normalise(x: torch.Tensor, center: bool) -> torch.Tensor:
+    """Per-token direction as the final norm sees it: mean removed (LayerNorm), unit RMS."""
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
+
+
+def _centers(model: nn.Module) -> bool:
+    return isinstance(get_arch(model).final_norm, nn.LayerNorm)
+
+
+def _gain(model: nn.Module) -> torch.Tensor:
+    """|final-norm gain| of ``model`` (ones when the norm has no weight): per-channel weights."""
+    w = getattr(get_arch(model).final_norm, "weight", None)
+    if w is None:
+        return torch.ones(get_arch(model).embed.weight.shape[-1])
+    return w.detach().float().abs().cpu()
+
+
+def _rows(h: torch.Tensor, center: bool) -> torch.Tensor:
+    """(n, T, D) states -> (n * (T - 1), D) float64 normalised rows, position 0 left out."""
+    return _normalise(h[:, 1:].reshape(-1, h.shape[-1]).double(), center)
+
+
+def fit_linear_map(
+    h_l: torch.Tensor, h_L: torch.Tensor, center: bool = False, ridge: float = 1e-4
+) -> tuple[torch.Tensor, float]:
+    """Least-squares map A (D, D) with ``normalise(h_l) @ A ~ normalise(h_L)``, and its R^2.
+
+    Closed form (normal equations, a tiny ridge for conditioning), position 0 left out. Inputs
+    are only RMS-normalised, a per-token scale that the final norm ignores, so ``h_l @ A`` used
+    as the final norm's input is the fitted map of the raw stream. A reference point, not a
+    standard architecture: it does not fold into the blocks (the skip path is unnormalised).
+    ``center``: remove each target row's mean first (LayerNorm families).
+    """
+    x, y = _rows(h_l, False), _rows(h_L, center)
+    gram = x.T @ x  # (D, D)
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    a = torch.linalg.solve(gram, x.T @ y)
+    return a.float(), _r2(x @ a, y)
+
+
+def linear_map_r2(a: torch.Tensor, h_l: torch.Tensor, h_L: torch.Tensor, center: bool) -> float:
+    """R^2 of the map ``a`` on other states (e.g. held-out windows)."""
+    return _r2(_rows(h_l, False) @ a.double(), _rows(h_L, center))
+
+
+def _r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    sse = (pred - y).pow(2).sum()
+    sst = (y - y.mean(0)).pow(2).sum()
+    return float(1.0 - sse / sst)
+
+
+# --------------------------------------------------------------------------- the bridge block
+
+
+def add_bridge_block(model: nn.Module, depth: int, init: str = "last", seed: int = 0) -> nn.Module:
+    """A new model of ``model``'s embeddings, first ``depth`` blocks, one bridge block, final norm
+    and head: a standard model of the same class with depth + 1 layers, built by
+    :func:`inheritune.surgery.select_layers` (so tied embeddings stay tied).
+
+    The bridge starts as a copy of ``model``'s block L-1 (``last``), ``depth`` (``next``) or
+    ``depth - 1`` (``repeat``).
+    """
+    from inheritune.surgery import build as surgery
+
+    n = get_arch(model).num_layers
+    if init not in BRIDGE_INITS:
+        raise ConfigError(f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {init!r}")
+    surgery.check_depth(depth, n)
+    src = {"last": n - 1, "next": depth, "repeat": depth - 1}[init]
+    if src >= n:
+        raise ConfigError(
+            f"--bridge-init next needs block {depth} after the kept ones, but the model has {n}"
+        )
+    return surgery.select_layers(model, [*range(depth), src], allow_repeats=True, seed=seed)
+
+
+def state_loss(
+    pred: torch.Tensor, target: torch.Tensor, gain: torch.Tensor, center: bool
+) -> torch.Tensor:
+    """Mean over tokens (position 0 left out) of 1 - cos(gain * norm(pred), gain * norm(target))."""
+    p = _normalise(pred[:, 1:], center) * gain
+    y = _normalise(target[:, 1:], center) * gain
+    return (1.0 - F.cosine_similarity(p, y, dim=-1)).mean()
+
+
+def fit_bridge(
+    model: nn.Module,
+    h_l: torch.Tensor,
+    h_L: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gain: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit ``model``'s last block in place so that it maps ``h_l`` (n, T, D) to ``h_L``.
+
+    AdamW (betas 0.9/0.95, no weight decay: the start is a trained block), 10% linear warm-up,
+    cosine decay to 0, gradient clip 1.0, on random batches of ``batch_size`` cached windows;
+    nothing but the last block runs or changes. Returns the fit loss before and after on
+    ``held_out`` (h_l, h_L) (else on the training windows) and the time taken.
+    """
+    arch = get_arch(model)
+    center = _centers(model)
+    gain = _gain(model) if gain is None else gain
+    runner = BlockRunner(model, arch.num_layers - 1)
+    block = runner.block
+    device = next(model.parameters()).device
+    check_x, check_y = held_out if held_out is not None else (h_l, h_L)
+
+    def check() -> float:
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(check_x), batch_size):
+                x = check_x[s : s + batch_size].to(device)
+                y = check_y[s : s + batch_size].to(device)
+                total += float(state_loss(runner(x), y, gain.to(device), center)) * len(x)
+                n += len(x)
+        return total / n
+
+    was_training = model.training
+    model.eval()  # dropout off: the fit targets a deterministic forward
+    cpu = time.process_time()
+    before = check()
+    params = [p for p in block.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    gen = torch.Generator().manual_seed(seed)
+    b = min(batch_size, len(h_l))
+    g = gain.to(device)
+    for step in range(steps):
+        scale = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randperm(len(h_l), generator=gen)[:b]
+        loss = state_loss(runner(h_l[idx].to(device)), h_L[idx].to(device), g, center)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    for p, req in zip(params, saved, strict=True):
+        p.grad = None
+        p.requires_grad_(req)
+    after = check()
+    model.train(was_training)
+    return {
+        "fit_loss_before": before,
+        "fit_loss_after": after,
+        "steps": steps,
+        "cpu_seconds": time.process_time() - cpu,
+    }
+
+
+# --------------------------------------------------------------------------- the whole build
+
+
+def calibration_windows(train: np.ndarray, cfg: BridgeConfig, seed: int = 0) -> np.ndarray:
+    """The bridge's calibration windows, (calib_tokens // calib_seq_len, calib_seq_len), drawn
+    at seeded random positions of a TRAINING split (never the validation split)."""
+    from inheritune.data import windows as data
+
+    return data.sample_windows(train, cfg.calib_windows, cfg.calib_seq_len, seed)
+
+
+def build_bridged(
+    reference: nn.Module,
+    depth: int,
+    calib_ids: torch.Tensor | np.ndarray,
+    cfg: BridgeConfig,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference's first ``depth`` blocks + a fitted bridge block + refitted final norm.
+
+    ``calib_ids`` (n, T) are training-split windows (:func:`calibration_windows`); the last
+    eighth of them (at least one) is held out to report the fit, the first ``cfg.norm_windows``
+    also fit the final norm. Returns the new model (depth + 1 layers, the reference's class,
+    eval mode) and the fit statistics that ``provenance.json`` records. The reference is not
+    modified.
+    """
+    from inheritune.surgery.calibrate import calibrate_final_norm
+
+    ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
+    if ids.ndim != 2 or len(ids) < 2 or ids.shape[1] < 2:
+        raise ConfigError(
+            "the bridge needs at least 2 calibration windows of >= 2 tokens (--calib-tokens, "
+            f"--calib-seq-len), got shape {tuple(ids.shape)}"
+        )
+    wall, cpu = time.perf_counter(), time.process_time()
+    hold = max(1, len(ids) // 8)
+    h_l, h_L = collect_states(reference, ids, depth)
+    seconds_states = time.process_time() - cpu
+    center = _centers(reference)
+    a, r2_fit = fit_linear_map(h_l[:-hold], h_L[:-hold], center)
+    r2_held = linear_map_r2(a, h_l[-hold:], h_L[-hold:], center)
+    model = add_bridge_block(reference, depth, cfg.bridge_init, seed=seed)
+    gain = _gain(reference)
+    fit = fit_bridge(
+        model,
+        h_l[:-hold],
+        h_L[:-hold],
+        steps=cfg.bridge_steps,
+        lr=cfg.bridge_lr,
+        batch_size=cfg.bridge_batch,
+        held_out=(h_l[-hold:], h_L[-hold:]),
+        gain=gain,
+        seed=seed,
+    )
+    norm_ids = ids[: min(cfg.norm_windows, len(ids) - hold)]
+    norm = calibrate_final_norm(model, norm_ids, cfg.norm_iters) if cfg.norm_iters else None
+    stats = {
+        "bridge": cfg.bridge,
+        "bridge_init": cfg.bridge_init,
+        "kept_layers": depth,
+        "layers": depth + 1,
+        "calib_windows": len(ids),
+        "calib_seq_len": int(ids.shape[1]),
+        "calib_tokens": int(ids.numel()),
+        "held_out_windows": hold,
+        "fit_loss": "mean 1 - cos of gain-weighted normalised states, position 0 left out",
+        "fit_loss_before": fit["fit_loss_before"],
+        "fit_loss_after": fit["fit_loss_after"],
+        # the same loss for the linear map: how close the block gets to it
+        "linear_map_fit_loss": float(state_loss(h_l[-hold:] @ a, h_L[-hold:], gain, center)),
+        "linear_map_r2": {"fit": r2_fit, "held_out": r2_held},
+        "steps": cfg.bridge_steps,
+        "lr": cfg.bridge_lr,
+        "batch_windows": cfg.bridge_batch,
+        "final_norm": None
+        if norm is None
+        else {
+            "windows": len(norm_ids),
+            "iters": cfg.norm_iters,
+            "calib_loss_before": norm["before"],
+            "calib_loss_after": norm["after"],
+        },
+        "cpu_seconds": {
+            "states": seconds_states,
+            "fit": fit["cpu_seconds"],
+            "total": time.process_time() - cpu,
+        },
+        "wall_seconds": time.perf_counter() - wall,
+    }
+    return model, stats
+
+
+def bridge_on_corpus(
+    reference: nn.Module,
+    depth: int,
+    tokens: Any,
+    cfg: BridgeConfig,
+    seed: int = 0,
+    eval_tokens: int = 8192,
+    eval_seq_len: int = 128,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`build_bridged` on a tokenised corpus (:class:`inheritune.data.Tokens`), plus the
+    validation loss of the reference, the inherited ``depth`` layers as they are, and the bridged
+    model, on the fixed validation windows the training loop evaluates on
+    (:func:`inheritune.data.eval_windows`; ``eval_tokens`` 0 skips them)."""
+    from inheritune.data import windows as data
+    from inheritune.models.losses import evaluate_loss
+    from inheritune.surgery import build as surgery
+
+    ids = calibration_windows(tokens.train, cfg, seed)
+    model, stats = build_bridged(reference, depth, ids, cfg, seed=seed)
+    if eval_tokens > 0:
+        windows = data.eval_windows(tokens, eval_seq_len, eval_tokens)
+        stats["validation"] = {
+            "windows": len(windows),
+            "seq_len": eval_seq_len,
+            "tokens": int(windows[:, 1:].size),
+            "reference": evaluate_loss(reference, windows),
+            "inherited": evaluate_loss(surgery.first_layers(reference, depth), windows),
+            "bridged": evaluate_loss(model, windows),
+        }
+    return model, stats
