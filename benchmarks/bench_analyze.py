@@ -3,7 +3,7 @@
 Inputs: the windows ``inheritune analyze`` would use (default: 100 x 100 tokens of the
 Shakespeare validation split, seed 0) on SmolLM2-135M, loaded once with eager attention.
 
-* ours: :func:`inheritune.analyze.run_analysis` (hooks reduce each layer's (B, H, T, T) weights
+* ours: :func:`inheritune.analysis.analyze.run_analysis` (hooks reduce each layer's (B, H, T, T) weights
   at once; base model only, no LM head; batched float32 eigenvalues of A A^T with float64
   re-checks near tau);
 * straightforward: ``model(ids, output_attentions=True)`` on the full LM, then one

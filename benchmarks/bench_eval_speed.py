@@ -1,11 +1,11 @@
 """Evaluation throughput: the fused head + cross-entropy with and without gradient work.
 
-``inheritune.losses.linear_cross_entropy`` computes the head's gradients in its forward pass
+``inheritune.models.losses.linear_cross_entropy`` computes the head's gradients in its forward pass
 (the softmax is at hand there). Inside an autograd Function grad mode is always off, so it is
 told the caller's grad mode explicitly; before that, an evaluation under ``torch.no_grad()`` paid
 for two gradient matmuls per chunk. "before" reproduces that by calling
 ``_LinearCrossEntropy.apply(..., True)``; "after" is the library as it is. Both evaluate the same
-fixed validation windows with :func:`inheritune.losses.evaluate_loss`, interleaved (before,
+fixed validation windows with :func:`inheritune.models.losses.evaluate_loss`, interleaved (before,
 after, before, ...) so load from other processes hits both alike; the losses must agree. On a
 shared machine wall time swings with the neighbours' load, so both the best wall-clock rate and
 the rate per CPU-second of this process (``time.process_time``, which other processes' load
@@ -96,7 +96,7 @@ def main() -> None:
         f"SmolLM2-135M (all 30 layers, fp32), {len(windows)} validation windows of {args.seq} "
         f"tokens of Shakespeare ({n_tok:,} tokens), batch {args.batch}, {args.threads} "
         f"thread(s), CPU (a 2-core machine shared with other jobs), "
-        f"`inheritune.losses.evaluate_loss`; {args.rounds} interleaved rounds:",
+        f"`inheritune.models.losses.evaluate_loss`; {args.rounds} interleaved rounds:",
         "",
         "    .venv/bin/python benchmarks/bench_eval_speed.py --seq "
         f"{args.seq} --windows {args.windows} --batch {args.batch} --rounds {args.rounds} "

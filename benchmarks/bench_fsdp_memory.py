@@ -3,7 +3,7 @@
 Each mode runs the real command, ``torchrun --nproc-per-node 2 -m inheritune train ...``, on
 SmolLM2-135M (the embedded default, all 30 layers unless ``--layers``) and Shakespeare, through a
 small wrapper that records each rank's high-water mark (``resource.getrusage`` RSS on CPU, the
-CUDA allocator's peak on GPU: :func:`inheritune.monitor.peak_memory`) twice:
+CUDA allocator's peak on GPU: :func:`inheritune.training.monitor.peak_memory`) twice:
 
 * ``train``: when training ends, before the final checkpoint (model load + the steps + evals);
 * ``end``: at exit, after the final checkpoint. Checkpoints are full Hugging Face folders, so
@@ -150,7 +150,7 @@ def main() -> None:
         "",
         "Under FSDP no rank reads or holds the whole model while training: each builds the "
         "model on the meta device, shards every block, and reads only its rows from the "
-        "safetensors file (`inheritune.distributed.load_sharded_model`); embeddings, final norm "
+        "safetensors file (`inheritune.models.parallel.load_sharded_model`); embeddings, final norm "
         "and head are sharded with the root. The `end` column shows the price of a consolidated "
         "checkpoint (an ordinary HF folder): rank 0 gathers the full model and AdamW state into "
         "CPU memory to write it.",

@@ -13,7 +13,7 @@ Contenders, run one after the other in the same process, each on one core per pr
 
 * ``plain loop``: what inheritune did before: every document through ``tokenizer(doc)``, one at a
   time, EOS appended, written to one file;
-* ``prepare N=1`` / ``prepare N=2``: :func:`inheritune.prepare.prepare_tokens` (shards of 8 MB,
+* ``prepare N=1`` / ``prepare N=2``: :func:`inheritune.data.prepare.prepare_tokens` (shards of 8 MB,
   batched fast-tokenizer calls in N worker processes, ordered append). Both must write the same
   bytes as the plain loop, or the benchmark fails;
 * ``reader`` / ``reader parquet``: the main process's share alone (read, decode, cut into shards,

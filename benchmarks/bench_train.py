@@ -7,7 +7,7 @@ hits both alike. The plain loop is written the obvious way::
 
     loss = model(input_ids, labels=labels).loss; loss.backward(); opt.step(); opt.zero_grad()
 
-with ``torch.optim.AdamW`` defaults. Ours is :func:`inheritune.train.train_model` itself; its
+with ``torch.optim.AdamW`` defaults. Ours is :func:`inheritune.training.train.train_model` itself; its
 reported tokens/s excludes its evaluation and checkpoint time (and so does nothing else).
 
 Model FLOPs per token: 6 * N_nonembedding + 6 * V * D (head) + 12 * L * T * D (attention scores

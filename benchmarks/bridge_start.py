@@ -4,7 +4,7 @@ Rows (K inherited layers of the 30-layer reference, Shakespeare):
 
 * the reference itself;
 * the first K layers as inherited (embeddings + K blocks + final norm + tied head);
-* + the final-norm gain refitted (inheritune.calibrate on the first ``--norm-windows``
+* + the final-norm gain refitted (inheritune.surgery.calibrate on the first ``--norm-windows``
   calibration windows);
 * + the closed-form linear map h_K -> h_L applied before the final norm, without and with the
   refit: a non-standard reference point (not savable as a standard checkpoint);

@@ -2,19 +2,19 @@
 
 Each run builds the inherited model with :func:`inheritune.surgery.first_layers` (embeddings +
 first K blocks + final norm + tied head of the reference), optionally fits its final norm with
-:func:`inheritune.calibrate.calibrate_final_norm`, trains it with
-:func:`inheritune.train.train_model` for a fixed budget of training seconds
+:func:`inheritune.surgery.calibrate.calibrate_final_norm`, trains it with
+:func:`inheritune.training.train.train_model` for a fixed budget of training seconds
 (``TrainConfig.time_budget``: the lr decays by time spent, so every lever gets the same time
-whatever its step cost), and evaluates it with :func:`inheritune.losses.evaluate_loss` before and
+whatever its step cost), and evaluates it with :func:`inheritune.models.losses.evaluate_loss` before and
 after training on two FIXED sets of validation windows (:func:`inheritune.data.eval_windows`,
 256 tokens each, the same in every run): the training corpus's held-out split (Shakespeare's
 last 5%) and a general-English text that is never trained on (``botchan``, see
-:mod:`inheritune.assets`), so domain adaptation shows apart from recovery. The loop's own
+:mod:`inheritune.models.assets`), so domain adaptation shows apart from recovery. The loop's own
 evaluations (every ``--eval-every`` steps, on its windows of ``--seq-len`` tokens) give the curve.
 
 An experiment is a named :class:`Experiment`: TrainConfig overrides over :data:`BASE` plus the
 few knobs that decide how the starting model is built (``calibrate_iters``; ``bridge``: a
-bridge block from :func:`inheritune.bridge.build_bridged` on training-split windows, its fit
+bridge block from :func:`inheritune.surgery.bridge.build_bridged` on training-split windows, its fit
 charged to the budget like the calibration). Every run also scores fixed windows of the
 TRAINING split (``final_train_windows``) and keeps the logged training loss of its last 10% of
 steps (``train_loss_tail``): levers are chosen on those, never on the validation sets. To add a
@@ -43,7 +43,7 @@ Both sets are also scored by the loop itself at each of its evaluations (its own
 ``--seq-len`` tokens; the reference's losses on those windows are in ``loop_reference``), so every
 curve point has both, and ``tokens_to_reference`` records the tokens at which each set first
 reached the reference (issue #10.7). ``--exp prune-angular`` / ``prune-bi`` start from the
-compare command's pruning baselines (:func:`inheritune.baselines.build_initial`, layer scores on
+compare command's pruning baselines (:func:`inheritune.compare.variants.build_initial`, layer scores on
 training-split windows, their cost charged like a bridge fit) instead of the first K blocks;
 ``--layers`` is then the pruned depth.
 
@@ -59,7 +59,7 @@ Dropped from v1, and why:
 * the closed-form least-squares start of the final-norm gain before L-BFGS (v1 ``closed+fit``):
   it started better than L-BFGS alone (7.14 vs 7.53 nats, recovery.md lever 1) but needs a
   teacher forward and was never measured after training; the recipe uses the library's L-BFGS
-  fit, so the study does. The bridge block (:mod:`inheritune.bridge`) is the stronger version.
+  fit, so the study does. The bridge block (:mod:`inheritune.surgery.bridge`) is the stronger version.
 * distillation from a cached top-k teacher whose cost was not charged (v1 ``teacher_cached``):
   it did not help (6.03 vs 5.99 at 180 s, recovery.md lever 5). Online distillation, charged,
   is an ordinary TrainConfig setting (``rec_distill``).
@@ -139,10 +139,10 @@ class Experiment:
     calibrate_iters: int = 0  # L-BFGS iterations fitting the final norm first (0 = off)
     calibrate_windows: int = 4  # training windows of seq_len + 1 tokens it fits on
     reference: bool = False  # evaluate the reference itself: no inheritance, no training
-    # one extra decoder block fitted on the TRAINING split (inheritune.bridge, BridgeConfig
+    # one extra decoder block fitted on the TRAINING split (inheritune.surgery.bridge, BridgeConfig
     # defaults); its fit time is charged to the budget like the calibration's
     bridge: bool = False
-    # a compare baseline's starting model instead (inheritune.baselines.build_initial, e.g.
+    # a compare baseline's starting model instead (inheritune.compare.variants.build_initial, e.g.
     # "prune-angular"), its layer scores on training-split windows; ``layers`` is its depth
     variant: str | None = None
     note: str = ""

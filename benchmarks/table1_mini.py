@@ -1,6 +1,6 @@
 """The paper's Table 1 protocol end to end, in miniature, on a CPU.
 
-The paper (arXiv 2404.08634, PAPER.md sections 2-4) trains its own GPT-2 reference from scratch
+The paper (arXiv 2404.08634, docs/design/paper.md §2-4) trains its own GPT-2 reference from scratch
 for T steps, then compares, all at T steps on the same data: Inheritune (the reference's first
 L/2 layers, grown by 2 until it matches the reference), the same depth from random init (T and
 2T), stacking, hybrid stacking, half width, distillation and lazy-layer init. This script does

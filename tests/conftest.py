@@ -18,8 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt")
-# Every family inheritune is tested on (inheritune.arch.SUPPORTED, the README's list): ARCHS plus
-# families found by inheritune.arch.discover_layout. tiny_config builds each one.
+# Every family inheritune is tested on (inheritune.models.arch.SUPPORTED, the README's list): ARCHS plus
+# families found by inheritune.models.arch.discover_layout. tiny_config builds each one.
 FAMILIES = (
     *ARCHS,
     *("qwen3", "gemma2", "gemma3", "phi3", "falcon", "gptj", "bloom", "stablelm"),

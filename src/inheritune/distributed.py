@@ -1,22 +1,20 @@
-"""Process groups, one-preparer coordination, DDP/FSDP wrapping and the few collectives the
-training loop needs.
+"""Process groups, one-preparer coordination and the few collectives the training loop needs.
 
 One process trains with no process group at all. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the
 environment) :func:`setup` starts one: NCCL when the process has a GPU, gloo on CPU, with a long
 timeout (``--dist-timeout``, default 6 h) so that later collectives survive a slow first step.
-The loop then wraps its loss module with DDP, or with FSDP2 (``fully_shard`` per decoder block,
-then the root; bf16 parameters with fp32 gradient reduction under ``--precision bf16``) when
-``--fsdp`` is given. :func:`load_sharded_model` builds a model from a folder straight into its
-shards, so no rank ever holds the whole model. Rank 0 alone writes logs and checkpoints.
+:class:`DistEnv` says which rank this is; rank 0 alone writes logs and checkpoints. Wrapping a
+model for DDP or FSDP is :mod:`inheritune.models.parallel`'s.
 
 Preparing shared files (tokenising a corpus, converting the default model) is done by exactly one
 process, :func:`run_once`: global rank 0 when the cache is on a filesystem every node sees (the
 default), local rank 0 of every node when ``INHERITUNE_NODE_LOCAL_CACHE=1`` says each node has its
 own cache. The others poll for the finished file, not a collective, so a six-hour tokenisation
-never trips a collective timeout, and a failure of the preparer reaches them as the same error.
+never trips a collective timeout, and a failure of the preparer reaches them as the same error
+(:class:`PeerError`).
 
 Multi-node: run the same ``torchrun`` line on every node with ``--nnodes N --node-rank I
---rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (see the README's "Scaling up").
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (docs/design/scaling.md).
 """
 
 from __future__ import annotations

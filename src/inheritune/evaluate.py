@@ -37,7 +37,7 @@ from inheritune.data import inputs
 from inheritune.distributed import DEFAULT_TIMEOUT_S
 from inheritune.models import loading as models
 
-# The zero-shot suite of the paper's FineWeb-edu comparison (PAPER.md section 4).
+# The zero-shot suite of the paper's FineWeb-edu comparison (docs/design/paper.md §4).
 PAPER_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Stderr of mean metrics is closed form; only perplexity-type aggregations (LAMBADA's ppl) are

@@ -1,24 +1,19 @@
-"""Atomic, pickle-free training checkpoints that resume exactly.
+"""The I/O layer every stage writes through: atomic files and folders, manifests, cached results.
 
-A checkpoint is a standard Hugging Face folder that ``AutoModelForCausalLM.from_pretrained``
-loads as is (``config.json``, ``model.safetensors``, tokenizer files), plus the training state
-(written and read by :mod:`inheritune.train_state`):
+* :func:`atomic_write_text` / :func:`atomic_write_json`: a temporary sibling, fsync, then
+  ``os.replace``; a crash leaves the old file or the new one, never half of either.
+* :func:`write_folder_atomically`: a folder is populated under a temporary name, every file and
+  the folder are fsynced, :func:`write_manifest` records each file's size and sha256 last, and
+  the folder is renamed into place. :func:`remove_stale_temporaries` clears what a kill left.
+* :func:`read_cached` / :func:`write_cached`: a result file keyed by the settings that shaped it
+  (:func:`spec_fingerprint`); reading it under other settings is refused with
+  :class:`StaleCacheError` and :func:`spec_diff` says which fields differ.
+* Errors: :class:`CheckpointError` for a corrupt or foreign file, :class:`WriteError` for a
+  write the disk refused (full, read-only, permissions), printed as one line by the CLI.
 
-* ``optimizer.safetensors``: every optimizer state tensor, keyed ``{param_name}/{state_key}``;
-* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU and CUDA of every rank, numpy
-  keys);
-* ``trainer_state.json``: step, tokens seen, data position, optimizer param groups (by
-  parameter name), scalar optimizer state, Python/numpy RNG scalars, evaluation history;
-* ``manifest.json``: size and sha256 of every other file, written last.
-
-Nothing is pickled. A checkpoint is written into a temporary sibling folder, every file and the
-folder are fsynced, and the folder is renamed into place; only then is the ``latest`` pointer
-(a one-line text file) replaced with ``os.replace``. A crash at any moment therefore leaves
-either the previous checkpoint or the new one, never a half-written ``latest``. A folder whose
-manifest is missing or does not match its files is refused with :class:`CheckpointError`, and
-:func:`find_resume_checkpoint` then falls back to the newest good one with a warning.
-
-Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
+Training checkpoints (:mod:`inheritune.training.checkpoint`), model folders
+(:mod:`inheritune.models.folders`), token folders, analyses, reports and ``compare``'s cache all
+use these, so "written atomically" means the same thing everywhere.
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def test_smollm2_report_matches_independent_recomputation(tmp_path):
         np.testing.assert_allclose(got["rank_per_head"], rank[layer])
         np.testing.assert_allclose(got["mass_per_head"], mass[layer])
         np.testing.assert_allclose(got["top_col_share_per_head"], top[layer], rtol=1e-5)
-    # Collapse is real in SmolLM2 (ASSETS.md): its most collapsed layer is far below its
+    # Collapse is real in SmolLM2 (docs/results.md, analyze): its most collapsed layer is far below its
     # least collapsed one.
     max_rank = [layer["max_rank"] for layer in report["layers"]]
     assert min(max_rank) < 2 < 20 < max(max_rank)

@@ -1,11 +1,11 @@
-"""``inheritune analyze``: a layer-by-layer attention-collapse report (PAPER.md §1).
+"""``inheritune analyze``: a layer-by-layer attention-collapse report (docs/design/paper.md §1).
 
 Samples ``--num-seqs`` windows of ``--seq-len`` tokens from the validation split, runs the model
 with eager attention (fused kernels return no weights) and, for every head of every layer,
 computes the approximate rank k*(tau), the dominant-column mass m*(eta) and the largest column's
 share, each averaged over the sequences. From those: MaxRank and AvgMass per layer, lazy layers,
 contiguous lazy groups and a suggested initial depth for the recipe, written by
-:mod:`inheritune.analysis_report` (``analysis.json`` records the exact definitions used); layers
+:mod:`inheritune.analysis.report` (``analysis.json`` records the exact definitions used); layers
 are numbered from 0 there and in every table (the paper's plots number from 1).
 ``--rank-of-mean`` adds the rank of the mean attention matrix as a second, separately labelled
 number.
@@ -155,7 +155,7 @@ class HeadMeans:
     """Running per-(layer, head) means over sequences of the per-sequence metrics.
 
     Batches are added as they come; :meth:`mean` divides by the number of sequences each layer
-    has seen, so the result is the mean of per-sequence values (PAPER.md §1), whatever the
+    has seen, so the result is the mean of per-sequence values (docs/design/paper.md §1), whatever the
     batching.
     """
 

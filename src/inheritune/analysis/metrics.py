@@ -1,4 +1,4 @@
-"""Attention-collapse metrics as pure tensor functions (PAPER.md §1).
+"""Attention-collapse metrics as pure tensor functions (docs/design/paper.md §1).
 
 Per attention matrix ``A`` (one head, one sequence; ``T x T``, row-stochastic):
 
@@ -14,7 +14,7 @@ to a rank-1 matrix.
 
 Then per layer, from the per-head means over sequences: :func:`layer_max_rank` (MaxRank),
 :func:`layer_avg_mass` (AvgMass), :func:`lazy_layers`, :func:`lazy_groups` and
-:func:`suggest_depth`. :mod:`inheritune.analyze` feeds these with attention weights caught layer
+:func:`suggest_depth`. :mod:`inheritune.analysis.analyze` feeds these with attention weights caught layer
 by layer; nothing here knows about models.
 
 Shapes: ``N`` sequences, ``B`` sequences in a batch, ``H`` heads, ``L`` layers, ``T`` tokens.
@@ -176,7 +176,7 @@ def lazy_layers(max_rank: torch.Tensor, tol: float = 0.05) -> torch.Tensor:
 def lazy_groups(max_rank: torch.Tensor) -> list[tuple[int, int]]:
     """Disjoint contiguous groups of layers with floor(AvgRank) == 1, as (first, last) inclusive.
 
-    AvgRank of a group is the mean MaxRank over its layers (PAPER.md §1). Rule, scanning from
+    AvgRank of a group is the mean MaxRank over its layers (docs/design/paper.md §1). Rule, scanning from
     the first layer to the last: a group starts at a layer whose own MaxRank < 2 and ends at the
     farthest layer j that also has MaxRank < 2 while the group's AvgRank stays < 2 (so
     floor(AvgRank) == 1, since every rank is >= 1); the scan resumes after j. A group can
@@ -207,7 +207,7 @@ def suggest_depth(
 
     Rule: keep every layer before the deepest lazy group of at least ``min_group`` layers (its
     first layer index, clamped to [1, L]); lazy layers transfer about as much as random weights
-    (PAPER.md §1, transfer test), so the student inherits the layers up to the collapsed region.
+    (docs/design/paper.md §1, transfer test), so the student inherits the layers up to the collapsed region.
     With no such group, the paper's default L // 2 is returned.
     """
     long_groups = [g for g in groups if g[1] - g[0] + 1 >= min_group]

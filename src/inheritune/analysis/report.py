@@ -1,8 +1,8 @@
 """What an attention-collapse analysis found, and its report files (``inheritune analyze``).
 
 :class:`AnalysisResult` holds the per-(layer, head) means measured by
-:func:`inheritune.analyze.run_analysis` and derives the per-layer conclusions from them (MaxRank,
-AvgMass, lazy layers, lazy groups, the suggested initial depth) with :mod:`inheritune.metrics`.
+:func:`inheritune.analysis.analyze.run_analysis` and derives the per-layer conclusions from them (MaxRank,
+AvgMass, lazy layers, lazy groups, the suggested initial depth) with :mod:`inheritune.analysis.metrics`.
 :func:`write_report` writes it as ``analysis.json`` (every number, the exact definitions behind
 them and the window token ids), ``heads.csv`` (one row per head), ``summary.txt``
 (:func:`summary_table` plus the rules) and two plots; :func:`load_report` reads

@@ -1,46 +1,15 @@
-"""The baselines and pruning alternatives ``inheritune compare`` trains beside Inheritune.
+"""``inheritune compare``: Inheritune against every baseline and pruning alternative, same budget.
 
-Each variant is a model of depth ``l`` (the comparison depth) built from the reference in its own
-way (:func:`build_initial`) and trained with the one :class:`~inheritune.train.TrainConfig` that
-:mod:`inheritune.compare` shares between them all (:func:`run_variant`: one training stage, or
-stacking's two). A variant's ``spec.json`` (:func:`variant_spec`: what shapes its result) and
-``result.json`` cache it: a finished variant is not trained again, an unfinished one resumes.
-The variants (paper section 3 and the layer-pruning literature):
+The variants are built by :mod:`inheritune.compare.variants` (see its table) and trained with one
+shared :class:`~inheritune.training.config.TrainConfig` (:func:`run_variant`: one training stage,
+or stacking's two). Every variant also reports its validation loss before any training (the
+step-0 eval). Layers are numbered from 0 (``LAYER_NUMBERING``; the paper's plots number from 1).
 
-=================  ===============================================================  ======
-name               initial model                                                    budget
-=================  ===============================================================  ======
-inheritune         reference layers 0..l-1 (+ embeddings, final norm, head)         T
-random             l layers, random init                                            T
-random-2x          the same random init, trained twice as long                      2T
-stacking           l/2 random layers trained T, the whole stack copied on top of    2T
-                   itself (Gong et al. 2019: [0..l/2-1, 0..l/2-1]), trained T more
-hybrid             reference layers 0..l/2-1 stacked twice the same way             T
-half-width         all L layers at half hidden size / heads, sliced weights         T
-kd-random          random l layers, loss 0.6 LM + 0.4 KL to the reference           T
-kd-every-other     reference layers 0, 2, 4, ... (l of them), same distillation     T
-lazy-init          the reference's deepest l layers (the collapsed ones)            T
-prune-bi           drop the L-l blocks of lowest Block Influence (ShortGPT)         T
-prune-angular      drop the contiguous L-l blocks of least angular distance at the  T
-                   last token (Gromov et al.; ``--angular-tokens all``: every token)
-prune-keep-last    drop the deepest layers but the final one: layers 0..l-2 and     T
-                   L-1 (Gromov et al.'s heuristic)
-prune-lazy         drop the L-l layers of lowest MaxRank (attention collapse)       T
-scratch-full       all L layers, random init (the reference's architecture trained  T
-                   from scratch; not at depth l)
-=================  ===============================================================  ======
-
-Layers are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
-
-[merged from compare.py]
-``inheritune compare``: Inheritune against every baseline and pruning alternative, same budget.
-
-The variants are built by :mod:`inheritune.baselines` (see its table) and trained with one
-shared :class:`~inheritune.train.TrainConfig`: the same corpus, the same data order (seed), the
-same tokens per step, the same ``T`` steps and the same fixed validation windows.
-
-Every variant also reports its validation loss before any training (the step-0 eval). Layers
-are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
+Caching: a variant's ``spec.json`` (:func:`variant_spec`: what shapes its result) and
+``result.json`` cache it. ``result.json`` is written atomically when it finishes; re-running
+skips finished variants and resumes an unfinished one from its last checkpoint. Changing the
+settings that shape a variant (depth, steps, training settings, ...) with the same ``--out`` is
+refused instead of mixing runs.
 
 ``--export-mergekit FILE`` also writes the initial layer selection of every variant built from
 reference layers as a mergekit passthrough config, one file per variant with the variant name
@@ -49,16 +18,13 @@ comment lists the variants that have no selection (random init, half width) and 
 
 Outputs in ``--out``: ``compare.md`` and ``compare.json`` (one row per variant: layers,
 parameters, tokens trained, loss before and after training, tokens needed to reach the
-reference's loss), ``curves.png`` (all validation curves against the reference line), the
-resolved ``config.yaml``, and one folder per variant. A variant's ``result.json`` is written
-atomically when it finishes; re-running skips finished variants and resumes an unfinished one
-from its last checkpoint (``TrainConfig.resume``). Changing the settings that shape a variant
-(depth, steps, training settings, ...) with the same ``--out`` is refused instead of mixing runs.
+reference's loss: :func:`tokens_to_reach`), ``curves.png`` (all validation curves against the
+reference line), the resolved ``config.yaml``, and one folder per variant.
 
 Bad input (an unknown variant, a depth a variant cannot build) is a :class:`ConfigError`
 before any training. Without ``--variants`` every variant the reference can build runs and the
-others are listed as skipped with the reason (SmolLM2's 9 attention heads cannot be halved, so
-``half-width`` is skipped on it); naming an unbuildable variant explicitly is an error.
+others are listed as skipped with the reason; naming an unbuildable variant explicitly is an
+error.
 """
 
 from __future__ import annotations

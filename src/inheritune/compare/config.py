@@ -1,29 +1,11 @@
-"""``inheritune compare``: Inheritune against every baseline and pruning alternative, same budget.
+""":class:`CompareConfig`: what ``inheritune compare`` runs, as flags and YAML.
 
-The variants are built by :mod:`inheritune.baselines` (see its table) and trained with one
-shared :class:`~inheritune.train.TrainConfig`: the same corpus, the same data order (seed), the
-same tokens per step, the same ``T`` steps and the same fixed validation windows.
-
-Every variant also reports its validation loss before any training (the step-0 eval). Layers
-are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
-
-``--export-mergekit FILE`` also writes the initial layer selection of every variant built from
-reference layers as a mergekit passthrough config, one file per variant with the variant name
-inserted before the suffix (``merge.yaml`` -> ``merge.prune-bi.yaml``); each file's header
-comment lists the variants that have no selection (random init, half width) and were skipped.
-
-Outputs in ``--out``: ``compare.md`` and ``compare.json`` (one row per variant: layers,
-parameters, tokens trained, loss before and after training, tokens needed to reach the
-reference's loss), ``curves.png`` (all validation curves against the reference line), the
-resolved ``config.yaml``, and one folder per variant. A variant's ``result.json`` is written
-atomically when it finishes; re-running skips finished variants and resumes an unfinished one
-from its last checkpoint (``TrainConfig.resume``). Changing the settings that shape a variant
-(depth, steps, training settings, ...) with the same ``--out`` is refused instead of mixing runs.
-
-Bad input (an unknown variant, a depth a variant cannot build) is a :class:`ConfigError`
-before any training. Without ``--variants`` every variant the reference can build runs and the
-others are listed as skipped with the reason (SmolLM2's 9 attention heads cannot be halved, so
-``half-width`` is skipped on it); naming an unbuildable variant explicitly is an error.
+The comparison depth and variants, the calibration windows the pruning scores are measured on,
+the distillation temperature and the mergekit export, composed with the one
+:class:`~inheritune.training.config.TrainConfig` every variant is trained with (same corpus, data
+order, tokens per step, ``T`` steps and validation windows). It lives apart from the command so
+that :mod:`inheritune.compare.variants` and :mod:`inheritune.compare.compare` both import it
+downward.
 """
 
 from __future__ import annotations
@@ -86,7 +68,7 @@ class CompareConfig:
     )
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
     # ^ --bridge block: the inheritune variant becomes the reference's first l-1 layers + one
-    # fitted bridge block (still l layers; inheritune.bridge). --calib-seq-len is shared: the
+    # fitted bridge block (still l layers; inheritune.surgery.bridge). --calib-seq-len is shared: the
     # pruning scores' calibration windows have the same length.
     angular_tokens: str = field(
         default="last",

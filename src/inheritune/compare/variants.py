@@ -1,11 +1,11 @@
 """The baselines and pruning alternatives ``inheritune compare`` trains beside Inheritune.
 
 Each variant is a model of depth ``l`` (the comparison depth) built from the reference in its own
-way (:func:`build_initial`) and trained with the one :class:`~inheritune.train.TrainConfig` that
-:mod:`inheritune.compare` shares between them all (:func:`run_variant`: one training stage, or
-stacking's two). A variant's ``spec.json`` (:func:`variant_spec`: what shapes its result) and
-``result.json`` cache it: a finished variant is not trained again, an unfinished one resumes.
-The variants (paper section 3 and the layer-pruning literature):
+way (:func:`build_initial`) and trained with the one
+:class:`~inheritune.training.config.TrainConfig` that :mod:`inheritune.compare.compare` shares
+between them all. :data:`VARIANTS` records each one's budget and, for the pruning variants, the
+layer score it drops by (:func:`layer_scores`). The variants (docs/design/paper.md §3 and the
+layer-pruning literature):
 
 =================  ===============================================================  ======
 name               initial model                                                    budget
@@ -30,7 +30,9 @@ scratch-full       all L layers, random init (the reference's architecture train
                    from scratch; not at depth l)
 =================  ===============================================================  ======
 
-Layers are numbered from 0 (``mergekit.LAYER_NUMBERING``; the paper's plots number from 1).
+:func:`unbuildable_reason` says why a reference cannot build a variant (SmolLM2's 9 heads cannot
+be halved), and :func:`train_top_warning` why ``--train-top`` would freeze a pruned stack's
+seams. Layers are numbered from 0 (``LAYER_NUMBERING``; the paper's plots number from 1).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def layer_scores(
 
 
 def _max_ranks(reference: nn.Module, windows: np.ndarray) -> list[float]:
-    """MaxRank per layer (PAPER.md section 1, tau = 0.9) on the calibration windows."""
+    """MaxRank per layer (docs/design/paper.md §1, tau = 0.9) on the calibration windows."""
     from inheritune.analysis import analyze
 
     result = analyze.run_analysis(reference, windows, analyze.AnalyzeConfig(), progress=False)

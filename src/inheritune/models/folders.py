@@ -1,24 +1,12 @@
-"""Atomic, pickle-free training checkpoints that resume exactly.
+"""Hugging Face model folders: save, load and copy them, whatever wraps the model.
 
-A checkpoint is a standard Hugging Face folder that ``AutoModelForCausalLM.from_pretrained``
-loads as is (``config.json``, ``model.safetensors``, tokenizer files), plus the training state
-(written and read by :mod:`inheritune.train_state`):
-
-* ``optimizer.safetensors``: every optimizer state tensor, keyed ``{param_name}/{state_key}``;
-* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU and CUDA of every rank, numpy
-  keys);
-* ``trainer_state.json``: step, tokens seen, data position, optimizer param groups (by
-  parameter name), scalar optimizer state, Python/numpy RNG scalars, evaluation history;
-* ``manifest.json``: size and sha256 of every other file, written last.
-
-Nothing is pickled. A checkpoint is written into a temporary sibling folder, every file and the
-folder are fsynced, and the folder is renamed into place; only then is the ``latest`` pointer
-(a one-line text file) replaced with ``os.replace``. A crash at any moment therefore leaves
-either the previous checkpoint or the new one, never a half-written ``latest``. A folder whose
-manifest is missing or does not match its files is refused with :class:`CheckpointError`, and
-:func:`find_resume_checkpoint` then falls back to the newest good one with a warning.
-
-Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
+:func:`save_hf_folder` writes ``config.json``, ``model.safetensors`` and the tokenizer files,
+the standard folder ``AutoModelForCausalLM.from_pretrained`` loads; under FSDP the full state
+dict is gathered first (:func:`full_model_state`). :func:`load_model_weights` reads the
+safetensors of such a folder back into a built model (never through pickle), and
+:func:`copy_model_folder` copies one. Writing a folder atomically is
+:func:`inheritune.storage.write_folder_atomically`'s job; training checkpoints
+(:mod:`inheritune.training.checkpoint`) are these folders plus the training state.
 """
 
 from __future__ import annotations

@@ -3,20 +3,12 @@
 :func:`collect_states` runs the reference once per batch and keeps the stream after its first l
 blocks (h_l) and the final norm's input (h_L), stopping the forward there (the head never runs).
 :class:`BlockRunner` calls one block on given hidden states exactly as the model's own forward
-calls it. :mod:`inheritune.bridge` fits its bridge block with both.
+calls it. :mod:`inheritune.surgery.bridge` fits its bridge block with both.
 
-[merged from distill.py]
-Distillation from the reference, with the frozen bottom shared between student and teacher.
-
-When the student's bottom ``k`` blocks are frozen, unchanged copies of the reference's (the
-inherited model trained with ``--train-top``), the teacher's activations entering block ``k``
-are exactly the student's. :class:`Teacher` then runs only the teacher's blocks ``k..L-1``
-(plus its final norm and head) from the student's own hidden state at block ``k``, instead of
-a full teacher forward: a fraction of the cost for the same logits (RECOVERY.md, lever 3).
-
-Used by :class:`inheritune.losses.CausalLMLoss`: ``student_forward`` captures the hidden
-state entering block ``k`` with a forward pre-hook, :meth:`Teacher.outputs` substitutes it for
-the input of the teacher's first kept block.
+:func:`capture_block_input` and :func:`replace_block_input` are the two forward pre-hooks of
+shared-bottom distillation (:mod:`inheritune.training.distill`): the first keeps the hidden state
+entering a block of the student, the second feeds it to the teacher's first kept block instead
+of running the teacher's bottom.
 """
 
 from __future__ import annotations

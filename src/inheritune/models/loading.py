@@ -2,7 +2,7 @@
 
 A model argument is one of:
 
-* a default name (``smollm2-135m``), prepared from packages by :mod:`inheritune.assets`;
+* a default name (``smollm2-135m``), prepared from packages by :mod:`inheritune.models.assets`;
 * a local Hugging Face folder (``config.json`` plus safetensors), including folders this tool
   wrote;
 * a ``.gguf`` file, de-quantised on load;

@@ -157,7 +157,7 @@ class CausalLMLoss(nn.Module):
     """Wraps an HF causal LM so that ``forward(inputs, targets)`` returns the mean LM loss.
 
     DDP and FSDP wrap this module (their hooks run on its forward). When the logits are exactly
-    the head applied to the base model's last hidden state (:attr:`inheritune.arch.Arch.plain_head`;
+    the head applied to the base model's last hidden state (:attr:`inheritune.models.arch.Arch.plain_head`;
     not Gemma 2, which softcaps them), the loss comes from that hidden state through
     :func:`linear_cross_entropy`; other models (and distillation, which needs the student's
     logits) use the HF logits.

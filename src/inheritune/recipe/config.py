@@ -1,5 +1,5 @@
 """The settings of ``inheritune run``: :class:`RecipeConfig`, one
-:class:`~inheritune.train.TrainConfig` for every round composed with the recipe's own settings
+:class:`~inheritune.training.train.TrainConfig` for every round composed with the recipe's own settings
 (depths, growth, target, bridge, report), and the configs it derives (each round's training,
 the analysis).
 
@@ -135,7 +135,7 @@ class RecipeConfig:
         default=0,
         metadata=_h(
             "L-BFGS iterations fitting the final norm to each new target before training "
-            "(0 = off; see inheritune.calibrate)"
+            "(0 = off; see inheritune.surgery.calibrate)"
         ),
     )
     calibrate_windows: int = field(
@@ -143,7 +143,7 @@ class RecipeConfig:
     )
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
     # ^ --bridge block: every round's target gets one extra fitted block on top of its l
-    # inherited ones (a standard l+1-layer checkpoint; inheritune.bridge). The bridge's own
+    # inherited ones (a standard l+1-layer checkpoint; inheritune.surgery.bridge). The bridge's own
     # optional final-norm refit is --norm-iters (off by default: on few windows it overfits,
     # benchmarks/results/bridge.md); --calibrate-iters applies to --bridge none only.
 

@@ -1,10 +1,10 @@
 """``inheritune run``: the whole Inheritune recipe (paper Alg. 1) as one resumable job.
 
-1. analyse the reference's attention collapse (:mod:`inheritune.analyze`);
+1. analyse the reference's attention collapse (:mod:`inheritune.analysis.analyze`);
 2. choose the initial depth: L/2 (paper), the analysis-based suggestion, or a number;
 3. inherit the reference's embeddings, first l blocks, final norm and head
    (:func:`inheritune.surgery.first_layers`);
-4. train the target for ``steps`` steps (:func:`inheritune.train.train_model`);
+4. train the target for ``steps`` steps (:func:`inheritune.training.train.train_model`);
 5. compare its validation loss with the target loss -- the reference's zero-shot loss, or the
    reference trained with the same budget -- on the same fixed validation windows;
 6. while worse (by more than ``tolerance``): grow by ``grow_by`` layers and train again, up to
@@ -228,7 +228,7 @@ def _train(job: _Job, model, tcfg: TrainConfig, teacher, desc: str, extra=None) 
 
 
 def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
-    """Fit the final norm of a fresh target on a few training windows (inheritune.calibrate)."""
+    """Fit the final norm of a fresh target on a few training windows (inheritune.surgery.calibrate)."""
     cfg = job.cfg
     n, seq = cfg.calibrate_windows, cfg.train.seq_len + 1
     ids = data.sample_windows(job.tokens.train, n, seq, cfg.train.seed + 7)

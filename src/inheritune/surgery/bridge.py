@@ -8,7 +8,7 @@ cannot be folded into standard weights (the skip path is unnormalised). A bridge
 body of the reference's own class: one decoder block appended after the l inherited ones
 (LLM-Streamline, ICLR 2025, replaces a pruned span by one trained layer), fitted on cached
 activations to reproduce h_L from h_l; optionally the final norm's gain is refitted afterwards
-(:mod:`inheritune.calibrate`). The result is a standard checkpoint with l + 1 layers, which on
+(:mod:`inheritune.surgery.calibrate`). The result is a standard checkpoint with l + 1 layers, which on
 SmolLM2 starts at 4.95 (reference 3.87), built in ~1 CPU-minute (benchmarks/results/bridge.md).
 
 Usage::
@@ -19,10 +19,10 @@ Usage::
     model, stats = build_bridged(ref, 15, ids, cfg)
     model.save_pretrained("runs/smol15-bridge")                         # 16 layers, plain HF
 
-The pieces are separate functions: :func:`~inheritune.activations.collect_states` (one
+The pieces are separate functions: :func:`~inheritune.models.hooks.collect_states` (one
 reference forward with hooks), :func:`fit_linear_map` (the closed-form reference point),
 :func:`add_bridge_block` (surgery), :func:`fit_bridge` (AdamW on the bridge block alone, run by
-:class:`~inheritune.activations.BlockRunner`; the blocks below never run again).
+:class:`~inheritune.models.hooks.BlockRunner`; the blocks below never run again).
 
 Fit loss: next-token prediction only sees each token's direction after the final norm, so the
 loss is scale-invariant, 1 - cosine between the bridge's output and h_L per token, each first

@@ -13,10 +13,10 @@ the same weights.
 * :func:`drop_layers` -- the complement of a selection (layer pruning baselines).
 * :func:`random_init` -- the same architecture with fresh weights at any depth.
 * :func:`fresh_parts` -- re-initialise the embeddings, position embeddings, final norm or head
-  (what the official code leaves fresh, PAPER.md section 2).
+  (what the official code leaves fresh, docs/design/paper.md §2).
 * :func:`half_width` -- all layers at half hidden size / heads / MLP width, sliced weights.
 
-The ``inheritune inherit`` command that saves such a target is :mod:`inheritune.inherit`.
+The ``inheritune inherit`` command that saves such a target is :mod:`inheritune.surgery.inherit`.
 
 Usage::
 

@@ -6,7 +6,7 @@ the first 15 of 30 layers start at ~20 nats/token for this reason alone. Re-fitt
 final norm's affine parameters (a few hundred numbers) on a few calibration windows, with the
 blocks and the head frozen, removes most of that gap in seconds, before any training step.
 
-It works for any family through :func:`inheritune.arch.get_arch`: the input of the final norm is
+It works for any family through :func:`inheritune.models.arch.get_arch`: the input of the final norm is
 captured once, then L-BFGS minimises next-token cross-entropy of ``head(final_norm(x))`` over the
 norm's parameters only. Measured on SmolLM2 (15 of 30 layers, Shakespeare): 20.5 -> ~7.5
 nats/token before any training step (benchmarks/results/recovery.md).

@@ -3,7 +3,7 @@
 The command behind Inheritune's first step (paper Alg. 1, step 1) as a standalone tool: it
 checks the layer selection against the reference's config before any weights load, builds the
 target with :mod:`inheritune.surgery` (``--parts``, ``--fresh``), optionally appends a fitted
-bridge block (``--bridge block``, :mod:`inheritune.bridge`), and writes a Hugging Face folder
+bridge block (``--bridge block``, :mod:`inheritune.surgery.bridge`), and writes a Hugging Face folder
 that ``AutoModelForCausalLM.from_pretrained`` loads as is, with ``inheritune.yaml`` (the
 resolved config) and ``provenance.json`` (which layers came from where) beside it. With
 ``--export-mergekit`` the same selection is also written as mergekit passthrough slices.

@@ -1,53 +1,38 @@
-"""Atomic, pickle-free training checkpoints that resume exactly.
+"""Training checkpoints: what they hold, how they are written, and how a run resumes from one.
 
 A checkpoint is a standard Hugging Face folder that ``AutoModelForCausalLM.from_pretrained``
 loads as is (``config.json``, ``model.safetensors``, tokenizer files), plus the training state
-(written and read by :mod:`inheritune.train_state`):
+(:func:`save_training_state`, read back by :func:`load_training_state`):
 
 * ``optimizer.safetensors``: every optimizer state tensor, keyed ``{param_name}/{state_key}``;
-* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU and CUDA of every rank, numpy
-  keys);
+  keyed by parameter NAME, not position, so a resume can check that it optimizes the same
+  parameters (:func:`load_optimizer_state`); under FSDP the full state is gathered with
+  ``torch.distributed.checkpoint``;
+* ``rng.safetensors``: RNG state tensors as uint8 (torch CPU and CUDA of every rank, because
+  each rank draws its own dropout masks; numpy keys);
 * ``trainer_state.json``: step, tokens seen, data position, optimizer param groups (by
   parameter name), scalar optimizer state, Python/numpy RNG scalars, evaluation history;
 * ``manifest.json``: size and sha256 of every other file, written last.
 
-Nothing is pickled. A checkpoint is written into a temporary sibling folder, every file and the
-folder are fsynced, and the folder is renamed into place; only then is the ``latest`` pointer
-(a one-line text file) replaced with ``os.replace``. A crash at any moment therefore leaves
-either the previous checkpoint or the new one, never a half-written ``latest``. A folder whose
-manifest is missing or does not match its files is refused with :class:`CheckpointError`, and
-:func:`find_resume_checkpoint` then falls back to the newest good one with a warning.
+Nothing is pickled. A checkpoint is written with :func:`inheritune.storage.write_folder_atomically`
+(temporary sibling, fsync, rename); only then is the ``latest`` pointer (a one-line text file)
+replaced with ``os.replace``. A crash at any moment therefore leaves either the previous
+checkpoint or the new one, never a half-written ``latest``. A folder whose manifest is missing
+or does not match its files is refused with :class:`~inheritune.storage.CheckpointError`
+(:func:`verify_checkpoint`), and :func:`find_resume_checkpoint` then falls back to the newest
+good one with a warning. Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
 
-Layout: ``OUT/checkpoints/step-00000100/``, ``OUT/checkpoints/latest``.
-
-[merged from train_state.py]
-The training state a checkpoint carries beside its weights: RNG, optimizer, trainer state.
-
-:func:`save_training_state` writes ``optimizer.safetensors``, ``rng.safetensors`` and
-``trainer_state.json`` (step, tokens seen, the sampler's data position, evaluations, ...) into a
-checkpoint folder that :func:`inheritune.checkpoint.write_folder_atomically` is building (the
-layout is described in :mod:`inheritune.checkpoint`); :func:`load_training_state` reads them back
-from a verified checkpoint. Nothing is pickled: tensors go to safetensors, the rest to JSON.
-
-Optimizer state is keyed by parameter NAME, not by position, so a resume can check that it
-optimizes the same parameters (:func:`load_optimizer_state`); under FSDP the full state is
-gathered with ``torch.distributed.checkpoint``. Every rank's torch generator states are saved,
-because each rank draws its own dropout masks.
-
-Usage (what :mod:`inheritune.trainer` does)::
+Resuming: :func:`resume_point` finds the checkpoint to continue from, :func:`check_compatible`
+checks that it fits this run (the same data, tokenizer and batch layout, or the data position
+would lie), and :func:`restore_or_seed` restores its weights and data position, or seeds every
+RNG for a fresh run. The optimizer and RNG states it returns are put back by
+:mod:`inheritune.training.train` once the optimizer exists::
 
     tensors, scalars = rng_state()
     save_training_state(tmp, optimizer_state(model, opt, fsdp), {"step": 100}, tensors, scalars)
     optim_sd, state, rng_tensors, rng_scalars = load_training_state(folder)
     load_optimizer_state(model, opt, optim_sd, fsdp)
     set_rng_state(rng_tensors, rng_scalars)
-
-[merged from resume.py]
-How a training run resumes: find the checkpoint to continue from (:func:`resume_point`),
-check that it fits this run -- the same data, tokenizer and batch layout, or the data position
-would lie (:func:`check_compatible`) -- and restore its weights and data position, or seed every
-RNG for a fresh run (:func:`restore_or_seed`). The optimizer and RNG states it returns are put
-back by :mod:`inheritune.trainer` once the optimizer exists (:mod:`inheritune.train_state`).
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
-"""What the training loop optimises and how fast: parameter groups, freezing, AdamW, schedule.
+""":class:`TrainConfig`: every training setting, one field each, shared by every command.
 
-* :func:`apply_freeze`: freeze parameters by name pattern (``--freeze``).
-* :func:`param_groups`: AdamW groups with weight decay on matrices only and per-group lr scales
-  for embeddings (and a tied head), an untied head and norms.
-* :func:`make_optimizer`: fused AdamW (0.9, 0.95); foreach under FSDP2 (DTensor parameters).
-* :func:`lr_at`: linear warm-up, then cosine decay to ``--min-lr``.
+``inheritune train`` takes it as flags; ``run`` and ``compare`` compose it into their own
+configs, so ``run --lr`` and ``train --lr`` are one field with one default and one validator
+(:mod:`inheritune.config`). It lives apart from the loop so that the loop
+(:mod:`inheritune.training.train`), the recipe and the comparison import it downward.
 
-[merged from train.py]
-``inheritune train``: one explicit training loop for Hugging Face causal LMs.
-
-Used from the CLI (:func:`train`) and in process by the recipe and the baselines
-(:func:`train_model` on an in-memory model). The loop in :func:`train_model` reads top to bottom,
-one stage at a time: lr -> eval/checkpoint -> forward/backward with accumulation -> clip ->
-step -> log -> stop. Its parts live in their own modules:
-
-* :mod:`inheritune.losses`: the chunked head + cross-entropy, distillation, the loss
-  normalisation under accumulation (:func:`~inheritune.losses.micro_loss_scale`), evaluation;
-* :mod:`inheritune.optim`: parameter groups, freezing, AdamW, the lr schedule;
-* :mod:`inheritune.data`: the seeded window sampler and the fixed validation windows;
-* :mod:`inheritune.checkpoint`: atomic, pickle-free checkpoints (model, optimizer, RNG, data
-  position) and HF folder I/O;
-* :mod:`inheritune.monitor`: log.jsonl, throughput, stop signals, the loss plot.
-
-Design choices, each tested:
+Design choices the fields encode, each tested:
 
 * ``--batch-size`` is the GLOBAL number of sequences per optimizer step, split into
   ``--grad-accum`` micro-batches and across the ``torchrun`` processes, so the trajectory does

@@ -1,14 +1,15 @@
 """Distillation from the reference, with the frozen bottom shared between student and teacher.
 
 When the student's bottom ``k`` blocks are frozen, unchanged copies of the reference's (the
-inherited model trained with ``--train-top``), the teacher's activations entering block ``k``
-are exactly the student's. :class:`Teacher` then runs only the teacher's blocks ``k..L-1``
-(plus its final norm and head) from the student's own hidden state at block ``k``, instead of
-a full teacher forward: a fraction of the cost for the same logits (RECOVERY.md, lever 3).
+inherited model trained with ``--train-top``; :func:`shared_bottom` finds ``k``), the teacher's
+activations entering block ``k`` are exactly the student's. :class:`Teacher` then runs only the
+teacher's blocks ``k..L-1`` (plus its final norm and head) from the student's own hidden state at
+block ``k``, instead of a full teacher forward: a fraction of the cost for the same logits
+(docs/design/recovery.md, lever 3).
 
-Used by :class:`inheritune.losses.CausalLMLoss`: ``student_forward`` captures the hidden
-state entering block ``k`` with a forward pre-hook, :meth:`Teacher.outputs` substitutes it for
-the input of the teacher's first kept block.
+Used by :class:`inheritune.models.losses.CausalLMLoss`: ``student_forward`` captures the hidden
+state entering block ``k`` with a forward pre-hook (:mod:`inheritune.models.hooks`),
+:meth:`Teacher.outputs` substitutes it for the input of the teacher's first kept block.
 """
 
 from __future__ import annotations

@@ -1,35 +1,25 @@
-"""One training run's state and its stages, as :func:`inheritune.train.train_model` calls them.
+"""``inheritune train``: one explicit training loop for Hugging Face causal LMs.
 
-:func:`start` checks the inputs, restores a checkpoint when resuming (weights, optimizer, RNG,
-data position), freezes (``--freeze``, ``--train-top``), wraps the model (DDP/FSDP) and builds
-the optimizer. :class:`Run` holds what the loop needs and one method per stage: evaluate,
-save, forward/backward with accumulation, clip, sync across ranks, refuse a non-finite step,
-log. :func:`finish` writes the final folder, the plot and ``result.json``.
-
-[merged from train.py]
-``inheritune train``: one explicit training loop for Hugging Face causal LMs.
-
-Used from the CLI (:func:`train`) and in process by the recipe and the baselines
+Used from the CLI (:func:`train`) and in process by the recipe and the comparison
 (:func:`train_model` on an in-memory model). The loop in :func:`train_model` reads top to bottom,
 one stage at a time: lr -> eval/checkpoint -> forward/backward with accumulation -> clip ->
-step -> log -> stop. Its parts live in their own modules:
+step -> log -> stop. :func:`start` checks the inputs, restores a checkpoint when resuming
+(weights, optimizer, RNG, data position), freezes (``--freeze``, ``--train-top``), wraps the
+model (DDP/FSDP) and builds the optimizer. :class:`Run` holds what the loop needs and one method
+per stage: evaluate, save, forward/backward with accumulation, clip, sync across ranks, refuse a
+non-finite step, log. :func:`finish` writes the final folder, the plot and ``result.json``.
 
-* :mod:`inheritune.losses`: the chunked head + cross-entropy, distillation, the loss
-  normalisation under accumulation (:func:`~inheritune.losses.micro_loss_scale`), evaluation;
-* :mod:`inheritune.optim`: parameter groups, freezing, AdamW, the lr schedule;
-* :mod:`inheritune.data`: the seeded window sampler and the fixed validation windows;
-* :mod:`inheritune.checkpoint`: atomic, pickle-free checkpoints (model, optimizer, RNG, data
-  position) and HF folder I/O;
-* :mod:`inheritune.monitor`: log.jsonl, throughput, stop signals, the loss plot.
+Its parts live where they belong:
 
-Design choices, each tested:
-
-* ``--batch-size`` is the GLOBAL number of sequences per optimizer step, split into
-  ``--grad-accum`` micro-batches and across the ``torchrun`` processes, so the trajectory does
-  not depend on either (up to float summation order).
-* Training windows (``seq_len + 1`` tokens) are visited in a seeded permutation per epoch; the
-  data position is saved in every checkpoint so ``--resume`` continues exactly.
-* Validation uses the same fixed windows at every evaluation and in every run.
+* :class:`~inheritune.training.config.TrainConfig`: the settings;
+* :mod:`inheritune.models.losses`: the chunked head + cross-entropy, distillation, the loss
+  normalisation under accumulation (:func:`~inheritune.models.losses.micro_loss_scale`),
+  evaluation;
+* :mod:`inheritune.training.optim`: parameter groups, freezing, AdamW, the lr schedule;
+* :mod:`inheritune.data.windows`: the seeded window sampler and the fixed validation windows;
+* :mod:`inheritune.training.checkpoint`: atomic, pickle-free checkpoints (model, optimizer, RNG,
+  data position) and resuming;
+* :mod:`inheritune.training.monitor`: log.jsonl, throughput, stop signals, the loss plot.
 """
 
 from __future__ import annotations
