@@ -3,9 +3,11 @@
 Each run builds the inherited model with :func:`inheritune.surgery.first_layers` (embeddings +
 first K blocks + final norm + tied head of the reference), optionally fits its final norm with
 :func:`inheritune.surgery.calibrate.calibrate_final_norm`, trains it with
-:func:`inheritune.training.train.train_model` for a fixed budget of training seconds
+:func:`inheritune.training.train.train_model` for a fixed wall-clock budget
 (``TrainConfig.time_budget``: the lr decays by time spent, so every lever gets the same time
-whatever its step cost), and evaluates it with :func:`inheritune.models.losses.evaluate_loss` before and
+whatever its step cost; since issue #19 the budget charges the loop's own evaluations and
+checkpoints too, so rows recorded before it, studies v1-v3 and the long run, got their budget in
+pure training seconds and are not comparable step for step with later ones), and evaluates it with :func:`inheritune.models.losses.evaluate_loss` before and
 after training on two FIXED sets of validation windows (:func:`inheritune.data.eval_windows`,
 256 tokens each, the same in every run): the training corpus's held-out split (Shakespeare's
 last 5%) and a general-English text that is never trained on (``botchan``, see

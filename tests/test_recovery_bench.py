@@ -46,10 +46,11 @@ def test_timed_run_with_calibration_frozen_embeddings_and_report(bench, argv, ca
     assert len(rec["start"]) == 2  # the training corpus's held-out split and the general text
     calib = rec["calibration"]
     assert calib["after"] <= calib["before"]
-    # the loop stops once its budget (what the calibration left of the 3 s) is spent
+    # the loop stops once its budget (what the calibration left of the 3 s) is spent; the
+    # budget charges the loop's evaluations, so training itself gets part of it
     assert rec["steps"] > 0 and rec["tokens"] == rec["steps"] * 2 * 16
     budget = 3 - calib["seconds"]
-    assert budget <= rec["train_s"] <= budget + 2.0
+    assert 0 < rec["train_s"] <= budget + 2.0
     steps = [p["step"] for p in rec["curve"]]
     assert steps[0] == 0 and steps[-1] == rec["steps"] and len(steps) >= 3
     times = [p["train_s"] for p in rec["curve"]]

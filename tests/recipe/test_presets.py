@@ -100,7 +100,9 @@ def test_demo_preset_is_sized_for_the_cpu_demo():
     cfg = dataclass_from_dict(RecipeConfig, load_yaml(path), where=str(path))
     assert (cfg.train.model, cfg.train.data) == ("smollm2-135m", "shakespeare")
     assert cfg.min_rounds >= 2  # the demo always shows a growth step
-    assert cfg.train.precision == "bf16" and not cfg.train.compile  # AMX: see the preset
+    # no precision or step count tuned to one CPU: measured, and a wall-clock budget per round
+    assert cfg.train.precision == "auto" and not cfg.train.compile
+    assert 0 < cfg.train.time_budget * cfg.max_rounds <= 10 * 60  # 12 minutes in all (#19)
     assert recipe.choose_init_depth(cfg.init_depth, 30, None) + cfg.grow_by <= 29
 
 

@@ -280,13 +280,13 @@ def _reference_loss(ctx: RunContext) -> float:
     """The reference's loss on the variants' validation windows (cached in reference.json)."""
     t = ctx.cfg.train
     spec = {"model": t.model, "data": t.data, "seq_len": t.seq_len, "eval_tokens": t.eval_tokens}
-    spec.update(batch=t.micro_batch(), precision=t.precision)
+    spec.update(batch=t.eval_batch(), precision=t.precision)
     cached = ckpt.read_cached(ctx.out / "reference.json", spec, strict=False)
     if cached is not None:
         return float(cached["val_loss"])
     windows = eval_windows(ctx.tokens, t.seq_len, t.eval_tokens)
     # the batch size and precision train evaluates with, so the sums are taken in the same order
-    loss = evaluate_loss(ctx.reference, windows, t.micro_batch(), t.precision)
+    loss = evaluate_loss(ctx.reference, windows, t.eval_batch(), t.precision)
     ckpt.write_cached(ctx.out / "reference.json", spec, {"val_loss": loss})
     return loss
 

@@ -34,6 +34,7 @@ class RunState:
     analysis: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     trained_reference: dict[str, Any] | None = None
+    precision: dict[str, Any] | None = None  # --precision auto: the choice and its timings
     rounds: list[dict[str, Any]] = field(default_factory=list)
     write: bool = True  # False on non-main ranks under torchrun
 
@@ -56,7 +57,7 @@ class RunState:
             return cls(path, spec, write=write)
         if saved.get("version") != STATE_VERSION:
             raise ConfigError(f"--out {out}: {STATE_FILE} has an unknown version")
-        keys = ("analysis", "reference", "trained_reference")
+        keys = ("analysis", "reference", "trained_reference", "precision")
         state = cls(path, spec, **{k: saved.get(k) for k in keys}, write=write)
         state.rounds = list(saved.get("rounds", []))
         return state
@@ -69,6 +70,7 @@ class RunState:
             "analysis": self.analysis,
             "reference": self.reference,
             "trained_reference": self.trained_reference,
+            "precision": self.precision,
             "rounds": self.rounds,
         }
         ckpt.write_cached(self.path, self.spec, payload)

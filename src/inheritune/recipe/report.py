@@ -20,6 +20,7 @@ import torch
 from inheritune.analysis import plots
 from inheritune.models.arch import LAYER_NUMBERING
 from inheritune.storage import atomic_write_json
+from inheritune.training.monitor import cpu_info
 
 _TRAINED = {"trained-reference": "trained", "scratch-reference": "from scratch"}
 REPORT_JSON = "report.json"
@@ -77,8 +78,48 @@ def build_report(
             "wall_s": sum(r["wall_s"] for r in rounds),
             "this_invocation_s": seconds,
         },
+        "machine": cpu_info(),
+        "precision": state.get("precision")
+        or {"precision": train["precision"], "reason": "set by --precision"},
+        "time_budget_per_round_s": train.get("time_budget", 0.0),
         "config_file": "config.yaml",
     }
+
+
+def _machine_section(report: dict[str, Any]) -> list[str]:
+    """Where it ran and how: CPU, precision (and what --precision auto measured), each round's
+    budget, tokens and the share of its time its evaluations took."""
+    m, p = report.get("machine") or {}, report.get("precision") or {}
+    if not m and not p:
+        return []
+    lines = ["## Machine, precision and budget", ""]
+    if m:
+        flags = ", ".join(m.get("flags") or []) or "none of avx2/avx512/amx"
+        lines.append(
+            f"- CPU: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch "
+            f"threads; {flags})"
+        )
+    if p:
+        line = f"- precision: {p.get('precision')} ({p.get('reason')})"
+        if p.get("fp32_step_s") is not None:
+            line += (
+                f"; one training step measured at fp32 {p['fp32_step_s']:.3f} s, "
+                f"bf16 {p['bf16_step_s']:.3f} s"
+            )
+        lines.append(line)
+    budget = report.get("time_budget_per_round_s") or 0.0
+    if budget > 0:
+        lines.append(
+            f"- time budget: {budget:.0f} s per round (build, evaluations and checkpoints charged)"
+        )
+    for r in report["rounds"]:
+        evals = sum(e.get("seconds", 0.0) for e in r.get("evals", []))
+        share = 100.0 * evals / r["wall_s"] if r.get("wall_s") else 0.0
+        lines.append(
+            f"- round {r['round']}: {r['steps']} steps, {r['tokens']:,} tokens, "
+            f"{r['wall_s']:.0f} s training ({evals:.0f} s of it evaluating, {share:.1f}%)"
+        )
+    return [*lines, ""]
 
 
 def verdict_line(report: dict[str, Any]) -> str:
@@ -327,6 +368,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += _phase_times(report)
+    lines += _machine_section(report)
     lines += ["## Validation curves", "", f"![validation curves]({report['curves_png']})", ""]
     lines += _analysis_section(report.get("analysis"))
     lines += [f"Resolved config: `{report['config_file']}`", ""]

@@ -34,7 +34,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,9 @@ from inheritune.storage import atomic_write_json
 from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
 from inheritune.surgery.calibrate import calibrate_final_norm
+from inheritune.training import optim
 from inheritune.training.config import TrainConfig
+from inheritune.training.precision import choose_precision
 from inheritune.training.train import TrainResult, train_model
 
 
@@ -133,7 +135,7 @@ class _Job:
     def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
         """Mean loss on ``windows`` with the rounds' own micro-batch and precision."""
         t = self.cfg.train
-        return losses.evaluate_loss(model, windows, t.micro_batch(), t.precision)
+        return losses.evaluate_loss(model, windows, t.eval_batch(), t.precision)
 
     def extra_loss(self, model: torch.nn.Module) -> float | None:
         return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
@@ -168,6 +170,35 @@ def _analysis_step(job: _Job) -> None:
         "seconds": round(result.seconds, 1),
     }
     state.save()
+
+
+def _precision_step(job: _Job, init: int) -> None:
+    """``--precision auto``, once per run: time a training step of round 1's model (its
+    layers, bridge and freezing) in fp32 and in bf16 here; every round and the reference's
+    evaluation then use the faster."""
+    cfg, state = job.cfg, job.state
+    if cfg.train.precision != "auto":
+        return
+    if state.precision is None:
+        t0 = time.perf_counter()
+        depth = init
+        if cfg.bridging.bridge == "block":
+            probe = bridge.add_bridge_block(job.reference, depth, cfg.bridging.bridge_init)
+        else:
+            probe = surgery.first_layers(job.reference, depth, parts=cfg.parts)
+        optim.apply_freeze(probe, cfg.train.freeze)
+        if cfg.train.train_top:
+            optim.train_only_top(probe, cfg.train.train_top)
+        t = cfg.train
+        choice = choose_precision(probe, job.tokens.train, t.micro_batch(), t.seq_len, job.env)
+        state.precision = {**choice.to_dict(), "seconds": time.perf_counter() - t0}
+        state.save()
+    p = state.precision
+    timings = ""
+    if p["fp32_step_s"] is not None:
+        timings = f"; one step: fp32 {p['fp32_step_s']:.2f} s, bf16 {p['bf16_step_s']:.2f} s"
+    _log(f"--precision auto: {p['precision']} ({p['reason']}{timings})")
+    job.cfg = replace(cfg, train=replace(cfg.train, precision=p["precision"]))
 
 
 def _reference_step(job: _Job) -> tuple[float, str]:
@@ -289,11 +320,21 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
         calibration = _calibrate(job, model, round_no)
     params = models.count_parameters(model)  # before training: FSDP shards in place
     build_s = time.perf_counter() - t_build
+    if bridged is not None:
+        # the bridge's effect: the same l inherited layers without it, on the same windows
+        plain = surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+        bridged = {**bridged, "val_loss_without_bridge": job.evaluate(plain, job.windows)}
+        del plain
     teacher = job.reference if cfg.train.distill_alpha > 0 else None
     layers = get_arch(model).num_layers
     desc = f"round {round_no} ({layers} layers)"
     extra = {cfg.extra_eval: job.extra_windows} if job.extra_windows is not None else None
-    result = _train(job, model, cfg.round_train_config(rdir), teacher, desc, extra)
+    tcfg = cfg.round_train_config(rdir)
+    if tcfg.time_budget > 0:  # the round's wall clock: the build is charged too
+        elapsed = time.perf_counter() - t_build  # build, bridge fit, the plain model's eval
+        charged = max(elapsed, (bridged or {}).get("wall_seconds", 0.0))  # resumed: the fit
+        tcfg = replace(tcfg, time_budget=max(tcfg.time_budget - charged, 0.25 * tcfg.time_budget))
+    result = _train(job, model, tcfg, teacher, desc, extra)
     done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
     done.update(_eval_record(result, job.out))
     done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
@@ -303,9 +344,7 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
     if calibration is not None:
         done["calibration"] = calibration
     if bridged is not None:
-        # the bridge's effect: the same l inherited layers without it, on the same windows
-        plain = surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
-        done["bridge"] = {**bridged, "val_loss_without_bridge": job.evaluate(plain, job.windows)}
+        done["bridge"] = bridged
     done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
     job.state.rounds.append(done)
     job.state.save()
@@ -403,13 +442,18 @@ def run(cfg: RecipeConfig) -> RecipeResult:
     init = choose_init_depth(cfg.init_depth, job.num_layers, state.analysis)
     max_depth = resolve_max_depth(cfg.max_depth, job.num_layers, init)
     _log(f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth {cfg.init_depth})")
+    _precision_step(job, init)
     target_loss, target_label = _reference_step(job)
     _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
     rounds, stop_reason = _rounds(job, init, max_depth, target_loss)
     final_dir, speed = _final_model(job, rounds[-1])
     report = build_report(
-        cfg=to_dict(cfg),
-        state={"reference": state.reference, "trained_reference": state.trained_reference},
+        cfg=to_dict(job.cfg),
+        state={
+            "reference": state.reference,
+            "trained_reference": state.trained_reference,
+            "precision": state.precision,
+        },
         analysis=state.analysis,
         rounds=rounds,
         target={

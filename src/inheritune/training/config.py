@@ -23,6 +23,7 @@ from typing import Any
 from inheritune import distributed
 from inheritune.config import ConfigError, check_positive, validate_numbers
 from inheritune.training import monitor
+from inheritune.training.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "linear")
 
@@ -59,8 +60,9 @@ class TrainConfig:
     time_budget: float = field(
         default=0.0,
         metadata=_h(
-            "seconds of training time (evaluation and checkpoints excluded); > 0: stop at "
-            "whichever of --steps and this comes first, decaying the lr by time (0 = off)"
+            "wall-clock seconds of the training loop, evaluations and checkpoints charged "
+            "(the final evaluation and save are reserved from it); > 0: stop at whichever of "
+            "--steps and this comes first, decaying the lr by time (0 = off)"
         ),
     )
     warmup: int = field(default=20, metadata=_h("linear warm-up steps"))
@@ -68,11 +70,20 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_h("max global gradient norm (0 = off)"))
     eval_every: int = field(default=50, metadata=_h("evaluate every N steps (0 = start/end)"))
     eval_tokens: int = field(default=32768, metadata=_h("validation tokens per evaluation", min=1))
+    eval_batch_size: int = field(
+        default=0,
+        metadata=_h("sequences per evaluation forward pass (0 = the training micro-batch)"),
+    )
     save_every: int = field(default=50, metadata=_h("checkpoint every N steps (0 = end only)"))
     keep_last: int = field(default=2, metadata=_h("checkpoints to keep (0 = all)"))
     log_every: int = field(default=5, metadata=_h("log a training line every N steps", min=1))
     precision: str = field(
-        default="fp32", metadata=_h("fp32, or bf16 autocast", choices=("fp32", "bf16"))
+        default="fp32",
+        metadata=_h(
+            "fp32, bf16 autocast, or auto: time one training step of each on this machine and "
+            "keep the faster (recorded in the output folder)",
+            choices=PRECISIONS,
+        ),
     )
     compile: bool = field(default=False, metadata=_h("torch.compile the model"))
     seed: int = field(default=0, metadata=_h("seed of the data order and dropout"))
@@ -144,8 +155,12 @@ class TrainConfig:
             raise ConfigError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.precision == "auto" and self.fsdp:
+            raise ConfigError("--precision auto cannot shard with --fsdp: choose fp32 or bf16")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         if isinstance(self.freeze, str):
@@ -154,5 +169,10 @@ class TrainConfig:
             monitor.check_tensorboard()
 
     def micro_batch(self, world_size: int = 1) -> int:
-        """Sequences per forward pass on one process (also the evaluation batch)."""
+        """Sequences per training forward pass on one process."""
         return max(1, self.batch_size // (self.grad_accum * world_size))
+
+    def eval_batch(self, world_size: int = 1) -> int:
+        """Sequences per evaluation forward pass on one process (no gradients: it can be
+        larger than the training micro-batch)."""
+        return self.eval_batch_size or self.micro_batch(world_size)

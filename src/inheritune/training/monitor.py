@@ -20,6 +20,8 @@ import contextlib
 import functools
 import json
 import math
+import os
+import platform
 import resource
 import signal
 import sys
@@ -212,6 +214,31 @@ def measure_matmul_peak(
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds and iters >= 3:
             return 2 * n**3 * iters / elapsed
+
+
+# the instruction-set flags that decide whether bf16 (and how fast fp32) runs on an x86 CPU
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """This machine's CPU model, core count and the flags in :data:`CPU_FLAGS` it has, so that
+    figures from different machines are never compared as if they were one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+    }
 
 
 @functools.cache

@@ -24,9 +24,10 @@ Its parts live where they belong:
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ from inheritune.training import monitor, optim
 from inheritune.training.checkpoint import LATEST, checkpoints_root, prune, read_latest, step_name
 from inheritune.training.config import TrainConfig
 from inheritune.training.distill import Teacher, shared_bottom
+from inheritune.training.precision import choose_precision
+
+PRECISION_FILE = "precision.json"  # what --precision auto chose, reused when resuming
 
 
 class TrainingError(RuntimeError):
@@ -84,6 +88,7 @@ class TrainResult:
     interrupted: bool = False  # stopped by SIGINT/SIGTERM after saving a checkpoint
     stop_signal: int = 0  # the signal that stopped it
     checkpoint: Path | None = None  # the last checkpoint written
+    precision: dict | None = None  # --precision auto: the choice, both step timings, why
 
 
 @dataclass
@@ -108,6 +113,10 @@ class Run:
     tokens_seen: int = 0
     evals: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # training time of earlier invocations (resume)
+    budget_before: float = 0.0  # --time-budget seconds spent by earlier invocations (resume)
+    loop_start: float = 0.0  # perf_counter when this invocation's loop started
+    eval_cost: float = 0.0  # seconds of the last evaluation: the final one is reserved
+    save_cost: float = 0.0  # seconds of the last checkpoint: the final one is reserved
     last_saved: int = -1
     last_ckpt: Path | None = None
     meter: monitor.Throughput = field(default_factory=monitor.Throughput)
@@ -116,6 +125,7 @@ class Run:
     peak: monitor.Peak | None = None  # the device's peak FLOP/s that MFU is measured against
     flops_per_token: float = 0.0
     data_wait: float = 0.0  # seconds spent building batches since the last train log line
+    precision_choice: dict | None = None  # what --precision auto measured and chose
     last_logged: int = 0  # step of the last train log line
 
     @property
@@ -129,11 +139,16 @@ class Run:
     def autocast(self):
         return autocast(self.cfg.precision, self.env.device)
 
+    def budget_spent(self) -> float:
+        """Wall seconds charged to ``--time-budget``: the loop so far, evaluations and
+        checkpoints included, plus what earlier invocations spent."""
+        return self.budget_before + (time.perf_counter() - self.loop_start)
+
     def time_progress(self) -> float | None:
         """Fraction of ``--time-budget`` spent (None without one): drives the lr decay."""
         if self.cfg.time_budget <= 0:
             return None
-        return min(1.0, (self.train_seconds + self.meter.seconds) / self.cfg.time_budget)
+        return min(1.0, self.budget_spent() / self.cfg.time_budget)
 
     def progress(self) -> float:
         """Fraction of the run done (by time under --time-budget, else by steps)."""
@@ -143,11 +158,14 @@ class Run:
     def evaluate(self) -> None:
         """Validation loss on the fixed windows (and on each extra set), logged and kept in
         ``evals``."""
+        t0 = time.perf_counter()
         val = self._loss_on(self.windows)
         rec = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val}
         rec["val_ppl"] = math.exp(val)
         if self.extra_windows:
             rec["extra"] = {k: self._loss_on(w) for k, w in self.extra_windows.items()}
+        self.eval_cost = time.perf_counter() - t0
+        rec["seconds"] = self.eval_cost
         self.evals.append(rec)
         self.log.write({"kind": "eval", **rec})
         self.bar.set_postfix_str(f"val {val:.3f}", refresh=False)
@@ -156,7 +174,7 @@ class Run:
         return losses.evaluate_windows(
             self.forward,
             windows,
-            self.cfg.micro_batch(self.env.world_size),
+            self.cfg.eval_batch(self.env.world_size),
             self.env.device,
             self.autocast(),
             self.env,
@@ -165,12 +183,14 @@ class Run:
     def save(self) -> Path:
         """An atomic checkpoint of the current step (a collective: every rank calls it)."""
         cfg, env, root = self.cfg, self.env, checkpoints_root(self.out)
+        t0 = time.perf_counter()
         trainer_state = {
             "step": self.step,
             "tokens": self.tokens_seen,
             "data": self.sampler.state_dict(),
             "evals": self.evals,
             "train_seconds": self.train_seconds + self.meter.seconds,
+            "budget_seconds": self.budget_spent(),
             "world_size": env.world_size,
             "config": to_dict(cfg),
             "data_fingerprint": resume.data_identity(self.tokens),
@@ -195,6 +215,7 @@ class Run:
             prune(root, cfg.keep_last)
         barrier(env)
         self.last_saved, self.last_ckpt = self.step, path
+        self.save_cost = time.perf_counter() - t0
         return path
 
     def forward_backward(self) -> torch.Tensor:
@@ -234,9 +255,10 @@ class Run:
 
     def sync(self, loss_sum: torch.Tensor, step_seconds: float) -> tuple[float, bool]:
         """(mean loss over ranks, whether any rank got a stop signal) in one all-reduce; also
-        agrees on whether the time budget is spent (any rank's clock decides for all)."""
-        spent = self.train_seconds + self.meter.seconds + step_seconds
-        time_up = 0 < self.cfg.time_budget <= spent
+        agrees on whether the time budget is spent (any rank's clock decides for all): it is
+        when one more step and the final evaluation and checkpoint would not fit."""
+        reserve = step_seconds + self.eval_cost + self.save_cost
+        time_up = 0 < self.cfg.time_budget <= self.budget_spent() + reserve
         flags = [float(self.stop.signum), float(time_up)]
         both = torch.cat(
             [loss_sum[None], torch.tensor(flags, dtype=loss_sum.dtype, device=loss_sum.device)]
@@ -330,6 +352,23 @@ def _teacher(teacher, model, env) -> Teacher | None:
     return out
 
 
+def _resolve_precision(model, tokens, cfg: TrainConfig, env) -> tuple[TrainConfig, dict | None]:
+    """``--precision auto``: measure here (or, resuming, reuse what this run measured before)."""
+    if cfg.precision != "auto":
+        return cfg, None
+    record = Path(cfg.out) / PRECISION_FILE
+    if cfg.resume and record.is_file():
+        choice = json.loads(record.read_text())
+    else:
+        micro = cfg.micro_batch(env.world_size)
+        choice = choose_precision(model, tokens.train, micro, cfg.seq_len, env).to_dict()
+        if env.is_main:
+            atomic_write_json(record, choice)
+    if env.is_main:
+        tqdm.write(f"--precision auto: {choice['precision']} ({choice['reason']})")
+    return replace(cfg, precision=choice["precision"]), choice
+
+
 def _enable_grad_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing: works under DDP and FSDP, keeps dropout masks."""
     kw = {"use_reentrant": False}
@@ -360,6 +399,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=
     if cfg.train_top:
         optim.train_only_top(model, cfg.train_top)
     model.to(env.device).train()
+    cfg, choice = _resolve_precision(model, tokens, cfg, env)  # before any RNG is seeded
     state = resume.restore_or_seed(model, sampler, resume_from, cfg, tokens, env)
     teacher = _teacher(teacher, model, env)
     fsdp = cfg.fsdp and env.distributed
@@ -411,10 +451,12 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=
         peak=peak,
         flops_per_token=flops_per_token,
         last_logged=step,
+        precision_choice=choice,
     )
     if state is not None:
         run.tokens_seen, run.evals = int(state["tokens"]), list(state["evals"])
         run.train_seconds, run.last_saved = float(state["train_seconds"]), step
+        run.budget_before = float(state.get("budget_seconds", run.train_seconds))
     return run
 
 
@@ -450,6 +492,7 @@ def finish(run: Run, interrupted: bool, wall: float) -> TrainResult:
         interrupted=interrupted,
         stop_signal=run.stop.signum,
         checkpoint=run.last_ckpt,
+        precision=run.precision_choice,
     )
     if env.is_main and not interrupted:
         summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
@@ -479,7 +522,9 @@ def train_model(
     """
     t_start = time.perf_counter()
     run = start(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
+    cfg = run.cfg  # with --precision auto resolved
     interrupted = False
+    run.loop_start = time.perf_counter()
     with monitor.catch_signals(run.stop), run.bar:
         while True:
             # 1. learning rate

@@ -1,0 +1,105 @@
+"""``--precision auto``: time one training step in fp32 and one in bf16 here, keep the faster.
+
+Whether bf16 pays depends on the processor, not on the model: on Xeons with AMX a bf16 step of
+SmolLM2 is ~2.5x faster than fp32, on EPYCs with avx512_bf16 somewhat faster, and on CPUs with
+AVX2 only bf16 is emulated and a step is 6x or more slower (docs/results.md, training
+throughput). So no precision is hard-coded for a machine: :func:`choose_precision` measures.
+
+The measurement is one forward and backward pass of the training loss on one micro-batch of the
+run's own shape, after one warm-up pass, in each precision; gradients are cleared afterwards and
+no optimizer step is taken, so the weights are untouched (the loop seeds or restores every RNG
+after it). bf16 is timed second, and its warm-up alone settles the matter when it is already
+several times slower than the fp32 step (an emulated bf16 step would otherwise cost seconds
+more). On CUDA bf16 is taken where the GPU supports it, without timing.
+
+The choice, both timings and the reason are a :class:`PrecisionChoice`, written into the run's
+report so a reader knows what ran.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from inheritune import data
+from inheritune.distributed import DistEnv, all_reduce_sum, autocast
+from inheritune.models.losses import CausalLMLoss
+
+PRECISIONS = ("fp32", "bf16", "auto")
+# bf16 is kept only when its step is at least this much faster: a tie goes to fp32, which
+# scores exactly what the reference scores and needs no autocast.
+MIN_SPEEDUP = 1.05
+# a bf16 warm-up slower than this many fp32 steps is emulated bf16: no timed step after it
+HOPELESS = 3.0
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What ``--precision auto`` chose on this machine, and why."""
+
+    precision: str
+    fp32_step_s: float | None
+    bf16_step_s: float | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _step_seconds(loss_module: nn.Module, batch: torch.Tensor, precision: str) -> float:
+    """Wall seconds of one forward + backward of the training loss (gradients cleared)."""
+    device = batch.device
+    t0 = time.perf_counter()
+    with autocast(precision, device):
+        loss = loss_module(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    for p in loss_module.parameters():
+        p.grad = None
+    return seconds
+
+
+def choose_precision(
+    model: nn.Module,
+    train_ids: np.ndarray,
+    micro_batch: int,
+    seq_len: int,
+    env: DistEnv | None = None,
+) -> PrecisionChoice:
+    """Time a training step of ``model`` in fp32 and in bf16 on ``micro_batch`` windows of
+    ``seq_len`` tokens from ``train_ids`` (with the model's current freezing), keep the faster.
+    Under ``torchrun`` (``env``) the ranks' timings are averaged, so every rank chooses alike."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", None, None, "CUDA device with bf16 support")
+        return PrecisionChoice("fp32", None, None, "CUDA device without bf16 support")
+    span = max(1, len(train_ids) - seq_len - 1)
+    starts = np.arange(micro_batch, dtype=np.int64) * seq_len % span
+    batch = data.gather_windows(train_ids, starts, seq_len).to(device)
+    loss_module = CausalLMLoss(model)
+    was_training = model.training
+    model.train()
+    try:
+        _step_seconds(loss_module, batch, "fp32")  # warm-up: allocator, kernels
+        fp32 = _step_seconds(loss_module, batch, "fp32")
+        bf16 = _step_seconds(loss_module, batch, "bf16")  # warm-up, and the verdict if hopeless
+        if bf16 < HOPELESS * fp32:
+            bf16 = _step_seconds(loss_module, batch, "bf16")
+    finally:
+        model.train(was_training)
+    if env is not None and env.distributed:
+        both = torch.tensor([fp32, bf16], dtype=torch.float64, device=device)
+        all_reduce_sum(both, env)
+        fp32, bf16 = (float(x) / env.world_size for x in both)
+    if bf16 * MIN_SPEEDUP <= fp32:
+        why = f"bf16 step {fp32 / bf16:.2f}x faster than fp32 on this CPU"
+        return PrecisionChoice("bf16", fp32, bf16, why)
+    why = f"bf16 step {bf16 / fp32:.2f}x the fp32 step's time on this CPU (no fast bf16 matmul)"
+    return PrecisionChoice("fp32", fp32, bf16, why)
