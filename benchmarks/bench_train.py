@@ -193,6 +193,9 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "threads": torch.get_num_threads(),
+        # figures from different CPUs are never one series: record which machine ran this
+        "machine": monitor.cpu_info(),
+        "torch": torch.__version__,
         "plain_tok_s": p,
         "ours_tok_s": o,
         "speedup": o / p,

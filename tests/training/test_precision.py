@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from inheritune import training as T
@@ -28,7 +29,15 @@ def _cfg(out, **kw) -> T.TrainConfig:
     return T.TrainConfig(**{**base, **kw})
 
 
-def test_choose_precision_times_both_and_leaves_the_weights(tokens):
+def test_emulated_bf16_is_refused_by_the_matmul_probe_alone(tokens, monkeypatch):
+    monkeypatch.setattr(P, "_matmul_seconds", lambda dtype: 1.0 if dtype == torch.float32 else 40.0)
+    choice = P.choose_precision(tiny_model("llama", layers=2), tokens.train, 2, SEQ)
+    assert choice.precision == "fp32" and choice.bf16_matmul_ratio == 40.0
+    assert choice.fp32_step_s is None and "emulated" in choice.reason  # no slow bf16 step run
+
+
+def test_choose_precision_times_both_and_leaves_the_weights(tokens, monkeypatch):
+    monkeypatch.setattr(P, "_matmul_seconds", lambda dtype: 1.0)  # as on a CPU with fast bf16
     model = tiny_model("llama", layers=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     choice = P.choose_precision(model, tokens.train, 2, SEQ)

@@ -106,6 +106,8 @@ def _machine_section(report: dict[str, Any]) -> list[str]:
                 f"; one training step measured at fp32 {p['fp32_step_s']:.3f} s, "
                 f"bf16 {p['bf16_step_s']:.3f} s"
             )
+        if p.get("bf16_matmul_ratio") is not None:
+            line += f"; a 256^3 bf16 matmul took {p['bf16_matmul_ratio']:.2f}x the fp32 time"
         lines.append(line)
     budget = report.get("time_budget_per_round_s") or 0.0
     if budget > 0:

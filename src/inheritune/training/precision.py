@@ -5,12 +5,13 @@ SmolLM2 is ~2.5x faster than fp32, on EPYCs with avx512_bf16 somewhat faster, an
 AVX2 only bf16 is emulated and a step is 6x or more slower (docs/results.md, training
 throughput). So no precision is hard-coded for a machine: :func:`choose_precision` measures.
 
-The measurement is one forward and backward pass of the training loss on one micro-batch of the
-run's own shape, after one warm-up pass, in each precision; gradients are cleared afterwards and
-no optimizer step is taken, so the weights are untouched (the loop seeds or restores every RNG
-after it). bf16 is timed second, and its warm-up alone settles the matter when it is already
-several times slower than the fp32 step (an emulated bf16 step would otherwise cost seconds
-more). On CUDA bf16 is taken where the GPU supports it, without timing.
+First a 256^3 matmul is timed in each dtype (milliseconds): where bf16 is emulated it is tens
+of times slower than fp32, and that settles it without a bf16 training step (one took 53 s on
+an AVX2-only EPYC, against 1.6 s in fp32). Otherwise the measurement is one forward and backward
+pass of the training loss on one micro-batch of the run's own shape, after one warm-up pass, in
+each precision; gradients are cleared afterwards and no optimizer step is taken, so the weights
+are untouched (the loop seeds or restores every RNG after it). On CUDA bf16 is taken where the
+GPU supports it, without timing.
 
 The choice, both timings and the reason are a :class:`PrecisionChoice`, written into the run's
 report so a reader knows what ran.
@@ -45,6 +46,7 @@ class PrecisionChoice:
     fp32_step_s: float | None
     bf16_step_s: float | None
     reason: str
+    bf16_matmul_ratio: float | None = None  # bf16 / fp32 time of the 256^3 probe matmul
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +67,18 @@ def _step_seconds(loss_module: nn.Module, batch: torch.Tensor, precision: str) -
     return seconds
 
 
+def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
+    """Mean seconds of an (n, n) @ (n, n) matmul in ``dtype`` on the CPU, after one warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return (time.perf_counter() - t0) / reps
+
+
 def choose_precision(
     model: nn.Module,
     train_ids: np.ndarray,
@@ -80,6 +94,14 @@ def choose_precision(
         if torch.cuda.is_bf16_supported():
             return PrecisionChoice("bf16", None, None, "CUDA device with bf16 support")
         return PrecisionChoice("fp32", None, None, "CUDA device without bf16 support")
+    ratio = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
+    if env is not None and env.distributed:  # every rank decides on the same numbers
+        agreed = torch.tensor([ratio], dtype=torch.float64)
+        all_reduce_sum(agreed, env)
+        ratio = float(agreed[0]) / env.world_size
+    if ratio > HOPELESS:
+        why = f"a bf16 matmul is {ratio:.0f}x slower than fp32 on this CPU (bf16 is emulated)"
+        return PrecisionChoice("fp32", None, None, why, ratio)
     span = max(1, len(train_ids) - seq_len - 1)
     starts = np.arange(micro_batch, dtype=np.int64) * seq_len % span
     batch = data.gather_windows(train_ids, starts, seq_len).to(device)
@@ -100,6 +122,6 @@ def choose_precision(
         fp32, bf16 = (float(x) / env.world_size for x in both)
     if bf16 * MIN_SPEEDUP <= fp32:
         why = f"bf16 step {fp32 / bf16:.2f}x faster than fp32 on this CPU"
-        return PrecisionChoice("bf16", fp32, bf16, why)
+        return PrecisionChoice("bf16", fp32, bf16, why, ratio)
     why = f"bf16 step {bf16 / fp32:.2f}x the fp32 step's time on this CPU (no fast bf16 matmul)"
-    return PrecisionChoice("fp32", fp32, bf16, why)
+    return PrecisionChoice("fp32", fp32, bf16, why, ratio)
