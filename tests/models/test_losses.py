@@ -60,3 +60,26 @@ def test_fused_model_loss_matches_hf_logits_path():
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
     assert losses.CausalLMLoss(model).fused
     torch.testing.assert_close(losses.CausalLMLoss(model, chunk=5)(x[:, :-1], x[:, 1:]), ref)
+
+
+def test_cached_loss_is_computed_once_per_model_and_windows(monkeypatch):
+    import numpy as np
+
+    model = tiny_model("llama", layers=2)
+    windows = np.random.default_rng(0).integers(0, 90, size=(6, 17))
+    first = losses.cached_loss(model, windows, batch_size=3)
+    assert first == pytest.approx(losses.evaluate_loss(model, windows, batch_size=3))
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached loss")
+
+    real = losses.evaluate_loss
+    monkeypatch.setattr(losses, "evaluate_loss", fail)
+    assert losses.cached_loss(model, windows, batch_size=3) == first  # from the cache
+    monkeypatch.setattr(losses, "evaluate_loss", real)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1.0  # one weight: another model
+    assert losses.weights_fingerprint(changed) != losses.weights_fingerprint(model)
+    assert losses.cached_loss(changed, windows, batch_size=3) != first
+    assert losses.cached_loss(model, windows[:3], batch_size=3) != first  # other windows

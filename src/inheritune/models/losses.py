@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from contextlib import nullcontext
 from typing import Protocol
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inheritune import distributed
+from inheritune import distributed, storage
 from inheritune.models.arch import get_arch
+from inheritune.models.assets import cache_dir
 from inheritune.models.hooks import capture_block_input
 
 
@@ -272,3 +274,45 @@ def evaluate_loss(
     env = distributed.DistEnv(0, 1, 0, device)
     autocast = distributed.autocast(precision, device)
     return evaluate_windows(CausalLMLoss(model), windows, batch_size, device, autocast, env)
+
+
+# --------------------------------------------------------------------------- cached evaluations
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short identity of ``model``'s weights: every tensor's name, shape and dtype and a
+    strided sample of its values (1,024 per tensor), hashed. Cheap next to one forward pass, and
+    any trained or differently sliced model gets another fingerprint."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.float32)
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_loss(
+    model: nn.Module, windows: np.ndarray, batch_size: int = 8, precision: str = "fp32"
+) -> float:
+    """:func:`evaluate_loss`, remembered in ``$INHERITUNE_CACHE/evals`` by the model's weights,
+    the windows, the batch and the precision: a reference's numbers (its zero-shot loss, the
+    loss of its first l layers) are computed once per machine, not once per run."""
+    spec = {
+        "weights": weights_fingerprint(model),
+        "windows": hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()[:16],
+        "shape": list(windows.shape),
+        "batch_size": batch_size,
+        "precision": precision,
+    }
+    path = cache_dir() / "evals" / f"{storage.spec_fingerprint(spec)}.json"
+    try:
+        hit = storage.read_cached(path, spec, strict=False)
+    except storage.CheckpointError:
+        hit = None  # a damaged entry is recomputed and rewritten
+    if hit is not None:
+        return float(hit["loss"])
+    loss = evaluate_loss(model, windows, batch_size, precision)
+    with contextlib.suppress(storage.WriteError):  # read-only cache: recomputed next time
+        storage.write_cached(path, spec, {"loss": loss})
+    return loss

@@ -133,9 +133,11 @@ class _Job:
     extra_windows: Any = None  # --extra-eval's windows (same length and count), if any
 
     def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
-        """Mean loss on ``windows`` with the rounds' own micro-batch and precision."""
+        """Mean loss on ``windows`` with the rounds' own evaluation batch and precision; the
+        models evaluated here are the reference's own (it, its first l layers), so the result
+        is cached across runs (:func:`inheritune.models.losses.cached_loss`)."""
         t = self.cfg.train
-        return losses.evaluate_loss(model, windows, t.eval_batch(), t.precision)
+        return losses.cached_loss(model, windows, t.eval_batch(), t.precision)
 
     def extra_loss(self, model: torch.nn.Module) -> float | None:
         return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
