@@ -87,10 +87,20 @@ def our_loop(
     out: Path,
     train_top: int = 0,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> float:
+    return our_run(
+        model, tokenizer, tokens, batch, seq, steps, out, train_top, precision, compile
+    ).tokens_per_s
+
+
+def our_run(
+    model, tokenizer, tokens, batch, seq, steps, out, train_top=0, precision="fp32", compile=False
+):
     cfg = T.TrainConfig(
         train_top=train_top,
         precision=precision,
+        compile=compile,
         out=str(out),
         steps=steps,
         batch_size=batch,
@@ -101,7 +111,19 @@ def our_loop(
         log_every=1,
         warmup=1,
     )
-    return T.train_model(model, tokenizer, tokens, cfg, desc="inheritune loop").tokens_per_s
+    return T.train_model(model, tokenizer, tokens, cfg, desc="inheritune loop")
+
+
+def compiled_rates(result, out: Path) -> tuple[float, float]:
+    """(steady tokens/s after the first step, start-up seconds) of a ``--compile`` run: the
+    first step carries the compilation, so it is read apart from the others in log.jsonl."""
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("kind") == "train"]
+    steady = [r["tokens_per_s"] for r in train if r["step"] >= 2]
+    first = train[0]["tokens_per_s"]
+    tokens_per_step = result.tokens / max(1, result.steps)
+    startup = tokens_per_step / first - tokens_per_step / float(np.mean(steady))
+    return float(np.mean(steady)), startup
 
 
 def profile(model, tokenizer, tokens, batch: int, seq: int) -> None:
@@ -139,6 +161,11 @@ def main() -> None:
         action="store_true",
         help="also time ours with --precision bf16 (autocast; AMX on recent Xeons), same run",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours with --compile (steady tokens/s and the start-up cost), same run",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -152,7 +179,7 @@ def main() -> None:
     peak = matmul_peak()
     fpt = flops_per_token(model, args.seq)
     peak_bf16 = matmul_peak(torch.bfloat16) if args.bf16 else None
-    plain, ours, top, bf16 = [], [], [], []
+    plain, ours, top, bf16, compiled, startup = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed warm-up step of each (allocator, thread pools, lazy inits).
         plain_loop(copy.deepcopy(model), batches(tokens, args.batch, args.seq, 1, seed=9))
@@ -184,6 +211,16 @@ def main() -> None:
                     )
                 )  # fmt: skip
                 line += f", bf16 (same train-top) {bf16[-1]:.1f} tok/s"
+            if args.compile:
+                out = Path(tmp) / f"compile{r}"
+                res = our_run(
+                    copy.deepcopy(model), tokenizer, tokens, args.batch, args.seq,
+                    args.steps, out, compile=True,
+                )  # fmt: skip
+                rate, start_s = compiled_rates(res, out)
+                compiled.append(rate)
+                startup.append(start_s)
+                line += f", --compile {rate:.1f} tok/s after a {start_s:.0f} s start-up"
             print(line)
     peak_after = matmul_peak()
     p, o = float(np.mean(plain)), float(np.mean(ours))
@@ -215,6 +252,10 @@ def main() -> None:
         result["matmul_peak_bf16_gflops"] = peak_bf16
         if not args.train_top:
             result["bf16_frac_bf16_peak"] = b * fpt / 1e9 / peak_bf16
+    if compiled:
+        result["compile_tok_s"] = float(np.mean(compiled))
+        result["compile_speedup_vs_eager"] = float(np.mean(compiled)) / o
+        result["compile_startup_s"] = startup
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -117,10 +117,15 @@ def _machine_section(report: dict[str, Any]) -> list[str]:
     for r in report["rounds"]:
         evals = sum(e.get("seconds", 0.0) for e in r.get("evals", []))
         share = 100.0 * evals / r["wall_s"] if r.get("wall_s") else 0.0
-        lines.append(
+        line = (
             f"- round {r['round']}: {r['steps']} steps, {r['tokens']:,} tokens, "
             f"{r['wall_s']:.0f} s training ({evals:.0f} s of it evaluating, {share:.1f}%)"
         )
+        if r.get("mfu") is not None:
+            line += (
+                f"; {r['tokens_per_s']:,.0f} tok/s, {r['mfu']:.2f} of the peak ({r['peak_source']})"
+            )
+        lines.append(line)
     return [*lines, ""]
 
 

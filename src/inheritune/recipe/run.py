@@ -81,6 +81,8 @@ def _eval_record(result: TrainResult, out: Path) -> dict[str, Any]:
         "val_loss": float(result.final_val_loss),
         "val_ppl": _ppl(result.final_val_loss),
         "tokens_per_s": float(result.tokens_per_s),
+        "mfu": result.mfu,
+        "peak_source": result.peak_source,
         "evals": [
             {k: (float(v) if isinstance(v, float) else v) for k, v in e.items()}
             for e in result.evals

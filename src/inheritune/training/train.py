@@ -89,6 +89,8 @@ class TrainResult:
     stop_signal: int = 0  # the signal that stopped it
     checkpoint: Path | None = None  # the last checkpoint written
     precision: dict | None = None  # --precision auto: the choice, both step timings, why
+    mfu: float | None = None  # training tokens/s x model FLOPs/token over the device's peak
+    peak_source: str | None = None  # what that peak is (datasheet, or measured here)
 
 
 @dataclass
@@ -493,6 +495,10 @@ def finish(run: Run, interrupted: bool, wall: float) -> TrainResult:
         stop_signal=run.stop.signum,
         checkpoint=run.last_ckpt,
         precision=run.precision_choice,
+        mfu=None
+        if run.peak is None
+        else monitor.mfu(run.flops_per_token, run.meter.rate, run.peak, env.world_size),
+        peak_source=None if run.peak is None else run.peak.source,
     )
     if env.is_main and not interrupted:
         summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
