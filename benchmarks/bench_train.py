@@ -115,15 +115,16 @@ def our_run(
 
 
 def compiled_rates(result, out: Path) -> tuple[float, float]:
-    """(steady tokens/s after the first step, start-up seconds) of a ``--compile`` run: the
-    first step carries the compilation, so it is read apart from the others in log.jsonl."""
+    """(steady tokens/s, start-up seconds) of a ``--compile`` run, from log.jsonl's per-step
+    elapsed times: steady is the median of the last half of the steps (compilation, and any
+    recompilation after the first evaluation, happen in the first ones); start-up is what the
+    run took beyond that many steady steps."""
     recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r.get("kind") == "train"]
-    steady = [r["tokens_per_s"] for r in train if r["step"] >= 2]
-    first = train[0]["tokens_per_s"]
+    elapsed = [r["elapsed_s"] for r in recs if r.get("kind") == "train"]
+    durations = np.diff([0.0, *elapsed])
+    step_s = float(np.median(durations[len(durations) // 2 :]))
     tokens_per_step = result.tokens / max(1, result.steps)
-    startup = tokens_per_step / first - tokens_per_step / float(np.mean(steady))
-    return float(np.mean(steady)), startup
+    return tokens_per_step / step_s, float(elapsed[-1] - len(elapsed) * step_s)
 
 
 def profile(model, tokenizer, tokens, batch: int, seq: int) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from inheritune import storage as ckpt
+from inheritune import storage
 from inheritune.analysis import plots
 from inheritune.compare.config import CompareConfig
 from inheritune.compare.variants import (
@@ -281,13 +281,13 @@ def _reference_loss(ctx: RunContext) -> float:
     t = ctx.cfg.train
     spec = {"model": t.model, "data": t.data, "seq_len": t.seq_len, "eval_tokens": t.eval_tokens}
     spec.update(batch=t.eval_batch(), precision=t.precision)
-    cached = ckpt.read_cached(ctx.out / "reference.json", spec, strict=False)
+    cached = storage.read_cached(ctx.out / "reference.json", spec, strict=False)
     if cached is not None:
         return float(cached["val_loss"])
     windows = eval_windows(ctx.tokens, t.seq_len, t.eval_tokens)
     # the batch size and precision train evaluates with, so the sums are taken in the same order
     loss = evaluate_loss(ctx.reference, windows, t.eval_batch(), t.precision)
-    ckpt.write_cached(ctx.out / "reference.json", spec, {"val_loss": loss})
+    storage.write_cached(ctx.out / "reference.json", spec, {"val_loss": loss})
     return loss
 
 
@@ -307,7 +307,7 @@ def _buildable(cfg: CompareConfig, L: int, depth: int) -> tuple[list[str], dict[
 def _write_outputs(cfg: CompareConfig, summary: dict[str, Any], out: Path):
     """compare.json, curves.png and compare.md; returns (json path, plot path, md path)."""
     rows, ref = summary["variants"], summary["reference"]
-    json_path = ckpt.atomic_write_json(out / "compare.json", summary)
+    json_path = storage.atomic_write_json(out / "compare.json", summary)
     curves = {
         r["variant"] + (f" ({r['budget']})" if r["budget"] != "1T" else ""): (
             [e["tokens"] for e in r["evals"]],
@@ -323,7 +323,7 @@ def _write_outputs(cfg: CompareConfig, summary: dict[str, Any], out: Path):
         reference_label=f"reference ({ref['layers']} layers)",
     )
     md = out / "compare.md"
-    ckpt.atomic_write_text(md, render_markdown(summary, plot.name))
+    storage.atomic_write_text(md, render_markdown(summary, plot.name))
     print(f"wrote {md}, {json_path.name}, {plot.name}")
     return json_path, plot, md
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from inheritune import storage as ckpt
+from inheritune import storage
 from inheritune.config import ConfigError, flag
 from inheritune.models.arch import get_arch
 from inheritune.recipe.config import RecipeConfig
@@ -43,15 +43,15 @@ class RunState:
         """The run state in ``out``: a new one, or the saved one if its settings match."""
         path, spec = out / STATE_FILE, cfg.spec()
         try:
-            saved = ckpt.read_cached(path, spec)
-        except ckpt.StaleCacheError:
+            saved = storage.read_cached(path, spec)
+        except storage.StaleCacheError:
             old = json.loads(path.read_text()).get("spec", {})
-            diff = ", ".join(flag(k) for k in ckpt.spec_diff(old, spec))
+            diff = ", ".join(flag(k) for k in storage.spec_diff(old, spec))
             raise ConfigError(
                 f"--out {out} holds a run made with different settings ({diff}); "
                 f"use the same settings to resume it, or choose another --out"
             ) from None
-        except ckpt.CheckpointError as e:
+        except storage.CheckpointError as e:
             raise ConfigError(f"--out {out}: {STATE_FILE} is unreadable ({e})") from e
         if saved is None:
             return cls(path, spec, write=write)
@@ -73,7 +73,7 @@ class RunState:
             "precision": self.precision,
             "rounds": self.rounds,
         }
-        ckpt.write_cached(self.path, self.spec, payload)
+        storage.write_cached(self.path, self.spec, payload)
 
 
 # --------------------------------------------------------------------------- pure decisions

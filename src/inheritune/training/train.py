@@ -57,8 +57,7 @@ from inheritune.storage import (
     remove_stale_temporaries,
     write_folder_atomically,
 )
-from inheritune.training import checkpoint as resume
-from inheritune.training import checkpoint as train_state
+from inheritune.training import checkpoint as ckpt
 from inheritune.training import monitor, optim
 from inheritune.training.checkpoint import LATEST, checkpoints_root, prune, read_latest, step_name
 from inheritune.training.config import TrainConfig
@@ -195,10 +194,10 @@ class Run:
             "budget_seconds": self.budget_spent(),
             "world_size": env.world_size,
             "config": to_dict(cfg),
-            "data_fingerprint": resume.data_identity(self.tokens),
+            "data_fingerprint": ckpt.data_identity(self.tokens),
         }
         model_sd = full_model_state(self.model, self.fsdp)
-        optim_sd = train_state.optimizer_state(self.model, self.opt, self.fsdp)
+        optim_sd = ckpt.optimizer_state(self.model, self.opt, self.fsdp)
         # every rank's own CPU and CUDA generator states: each draws its own dropout masks
         rng_cpu = gather_tensors(torch.get_rng_state(), env)
         rng_cuda = None
@@ -206,11 +205,11 @@ class Run:
             rng_cuda = gather_tensors(torch.cuda.get_rng_state(env.device), env)
         path = root / step_name(self.step)
         if env.is_main:
-            tensors, scalars = train_state.rng_state(rng_cpu, rng_cuda)
+            tensors, scalars = ckpt.rng_state(rng_cpu, rng_cuda)
 
             def populate(tmp: Path) -> None:
                 save_hf_folder(self.model, self.tokenizer, tmp, model_sd)
-                train_state.save_training_state(tmp, optim_sd, trainer_state, tensors, scalars)
+                ckpt.save_training_state(tmp, optim_sd, trainer_state, tensors, scalars)
 
             write_folder_atomically(path, populate, {"step": self.step})
             atomic_write_text(root / LATEST, path.name + "\n")
@@ -390,7 +389,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=
         raise ConfigError(f"{flag('distill_alpha')} > 0 needs a teacher ({flag('teacher')})")
     sampler = data.WindowSampler(len(tokens.train), cfg.seq_len, cfg.seed)
     windows = data.eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)
-    resume_from = resume.resume_point(cfg, env)
+    resume_from = ckpt.resume_point(cfg, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(checkpoints_root(out))
@@ -402,7 +401,7 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=
         optim.train_only_top(model, cfg.train_top)
     model.to(env.device).train()
     cfg, choice = _resolve_precision(model, tokens, cfg, env)  # before any RNG is seeded
-    state = resume.restore_or_seed(model, sampler, resume_from, cfg, tokens, env)
+    state = ckpt.restore_or_seed(model, sampler, resume_from, cfg, tokens, env)
     teacher = _teacher(teacher, model, env)
     fsdp = cfg.fsdp and env.distributed
     if cfg.grad_checkpointing:
@@ -411,8 +410,8 @@ def start(model, tokenizer, tokens, cfg: TrainConfig, teacher, desc, extra_eval=
     loss_module = wrap(losses.CausalLMLoss(model), get_arch(model).layers, env, fsdp, cfg.precision)
     opt = optim.make_optimizer(model, cfg, fsdp)
     if state is not None:
-        train_state.load_optimizer_state(model, opt, state["optimizer_state"], fsdp)
-        train_state.set_rng_state(state["rng_tensors"], state["rng_scalars"], env.rank, env.device)
+        ckpt.load_optimizer_state(model, opt, state["optimizer_state"], fsdp)
+        ckpt.set_rng_state(state["rng_tensors"], state["rng_scalars"], env.rank, env.device)
     step = int(state["step"]) if state is not None else 0
     peak = monitor.device_peak(env.device, cfg.precision) if env.is_main else None
     header = None
