@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -432,3 +433,32 @@ def test_train_top_warns_for_scattered_pruning(tiny_folder, corpus_file, tmp_pat
         warnings.simplefilter("always")
         compare(cfg)
     assert not [w for w in caught if "freezes the bottom" in str(w.message)]
+
+
+def test_auto_precision_is_resolved_once_for_every_variant(
+    tiny_folder, corpus_file, tmp_path, monkeypatch
+):
+    """--precision auto is timed once (on the inheritune variant's model) and every variant
+    trains and the reference is scored in that precision; a resumed comparison reuses it."""
+    from inheritune.training import precision as P
+
+    calls = []
+    real = P.choose_precision
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "choose_precision", counted)
+    folder = tiny_folder("llama", layers=4)
+    cfg = make_cfg(folder, corpus_file, tmp_path / "cmp", variants="inheritune,random")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="auto"))
+    compare(cfg)
+    record = json.loads((tmp_path / "cmp" / "precision.json").read_text())
+    assert len(calls) == 1 and record["precision"] in ("fp32", "bf16")
+    written = sorted((tmp_path / "cmp").glob("*/**/config.yaml"))
+    assert len(written) >= 2  # one per variant's training stage
+    for path in written:
+        assert f"precision: {record['precision']}" in path.read_text(), path
+    compare(cfg)  # everything cached: nothing measured again
+    assert len(calls) == 1

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
 from inheritune.surgery.mergekit import check_path, config_dtype, export_selections, source_name
 from inheritune.training.checkpoint import checkpoints_root
-from inheritune.training.train import train_model
+from inheritune.training.precision import choose_for_inherited
+from inheritune.training.train import PRECISION_FILE, train_model
 
 # --------------------------------------------------------------------------- caching
 
@@ -328,6 +329,19 @@ def _write_outputs(cfg: CompareConfig, summary: dict[str, Any], out: Path):
     return json_path, plot, md
 
 
+def _auto_precision(cfg: CompareConfig, reference, tokens, depth: int) -> str:
+    """``--precision auto`` for the whole comparison, timed on the inheritune variant's model;
+    recorded in ``OUT/precision.json`` and reused when the comparison resumes."""
+    record = Path(cfg.train.out) / PRECISION_FILE
+    if record.is_file():
+        choice = json.loads(record.read_text())
+    else:
+        choice = choose_for_inherited(reference, depth, cfg.train, tokens.train).to_dict()
+        storage.atomic_write_json(record, choice)
+    print(f"--precision auto: {choice['precision']} ({choice['reason']})", flush=True)
+    return choice["precision"]
+
+
 def compare(cfg: CompareConfig) -> CompareResult:
     """Run (or resume) every selected variant and write compare.md, compare.json, curves.png."""
     t = cfg.train
@@ -364,6 +378,11 @@ def compare(cfg: CompareConfig) -> CompareResult:
             specs.pop("half-width")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / "config.yaml")
+    if t.precision == "auto":  # once for the reference and every variant alike
+        cfg = replace(
+            cfg, train=replace(t, precision=_auto_precision(cfg, reference, tokens, depth))
+        )
+        t = cfg.train
     ctx = RunContext(cfg, reference, tokenizer, tokens, depth, L, out)
     ref_loss = _reference_loss(ctx)
     print(

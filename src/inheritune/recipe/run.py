@@ -63,9 +63,8 @@ from inheritune.storage import atomic_write_json
 from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
 from inheritune.surgery.calibrate import calibrate_final_norm
-from inheritune.training import optim
 from inheritune.training.config import TrainConfig
-from inheritune.training.precision import choose_precision
+from inheritune.training.precision import choose_for_inherited
 from inheritune.training.train import TrainResult, train_model
 
 
@@ -185,16 +184,10 @@ def _precision_step(job: _Job, init: int) -> None:
         return
     if state.precision is None:
         t0 = time.perf_counter()
-        depth = init
-        if cfg.bridging.bridge == "block":
-            probe = bridge.add_bridge_block(job.reference, depth, cfg.bridging.bridge_init)
-        else:
-            probe = surgery.first_layers(job.reference, depth, parts=cfg.parts)
-        optim.apply_freeze(probe, cfg.train.freeze)
-        if cfg.train.train_top:
-            optim.train_only_top(probe, cfg.train.train_top)
-        t = cfg.train
-        choice = choose_precision(probe, job.tokens.train, t.micro_batch(), t.seq_len, job.env)
+        init_kind = cfg.bridging.bridge_init if cfg.bridging.bridge == "block" else None
+        choice = choose_for_inherited(
+            job.reference, init, cfg.train, job.tokens.train, job.env, bridge_init=init_kind
+        )
         state.precision = {**choice.to_dict(), "seconds": time.perf_counter() - t0}
         state.save()
     p = state.precision

@@ -23,9 +23,9 @@ from typing import Any
 from inheritune import distributed
 from inheritune.config import ConfigError, check_positive, validate_numbers
 from inheritune.training import monitor
-from inheritune.training.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "linear")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: measured on the machine (training.precision)
 
 
 def _h(text: str, **kw: Any) -> dict[str, Any]:

@@ -29,8 +29,11 @@ from torch import nn
 from inheritune import data
 from inheritune.distributed import DistEnv, all_reduce_sum, autocast
 from inheritune.models.losses import CausalLMLoss
+from inheritune.surgery.bridge import add_bridge_block
+from inheritune.surgery.build import first_layers
+from inheritune.training import optim
+from inheritune.training.config import TrainConfig
 
-PRECISIONS = ("fp32", "bf16", "auto")
 # bf16 is kept only when its step is at least this much faster: a tie goes to fp32, which
 # scores exactly what the reference scores and needs no autocast.
 MIN_SPEEDUP = 1.05
@@ -125,3 +128,25 @@ def choose_precision(
         return PrecisionChoice("bf16", fp32, bf16, why, ratio)
     why = f"bf16 step {bf16 / fp32:.2f}x the fp32 step's time on this CPU (no fast bf16 matmul)"
     return PrecisionChoice("fp32", fp32, bf16, why, ratio)
+
+
+def choose_for_inherited(
+    reference: nn.Module,
+    depth: int,
+    cfg: TrainConfig,
+    train_ids: np.ndarray,
+    env: DistEnv | None = None,
+    bridge_init: str | None = None,
+) -> PrecisionChoice:
+    """:func:`choose_precision` on the model a run trains first: the reference's first
+    ``depth`` layers (with a bridge block when ``bridge_init`` is given), frozen as ``cfg``
+    says, with ``cfg``'s micro-batch and sequence length. Used by ``run`` and ``compare``,
+    which resolve ``--precision auto`` once for every model they train and evaluate."""
+    if bridge_init is not None:
+        probe = add_bridge_block(reference, depth, bridge_init)
+    else:
+        probe = first_layers(reference, depth)
+    optim.apply_freeze(probe, cfg.freeze)
+    if cfg.train_top:
+        optim.train_only_top(probe, cfg.train_top)
+    return choose_precision(probe, train_ids, cfg.micro_batch(), cfg.seq_len, env)
