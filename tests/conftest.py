@@ -152,6 +152,18 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "eager", **kw):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
+def tiny_train_config(out, seq_len: int = 16, **kw):
+    """A TrainConfig for the tiny models: 4 steps of 4 x ``seq_len`` tokens, evaluation at the
+    start and end only, no periodic checkpoint; ``kw`` overrides any field."""
+    from inheritune.training.config import TrainConfig
+
+    base = dict(
+        model="unused", data="unused", out=str(out), steps=4, batch_size=4, seq_len=seq_len,
+        warmup=1, eval_every=0, eval_tokens=4 * seq_len, save_every=0, log_every=1, lr=3e-3,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
 def make_tokenizer(vocab: int = VOCAB, text: str = CORPUS_TEXT):
     """A real byte-level BPE tokenizer trained on CORPUS_TEXT, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -195,6 +195,23 @@ def write_cached(path: str | Path, spec: dict[str, Any], payload: dict[str, Any]
     return atomic_write_json(path, {"spec": canonical(spec), **payload})
 
 
+def memoized(folder: str | Path, spec: dict[str, Any], compute: Callable[[], dict]) -> dict:
+    """``compute()``'s result, kept in ``folder`` under a name made from ``spec``: a measurement
+    or evaluation done once per machine, not once per run. A damaged entry is recomputed and
+    rewritten; a cache the disk refuses to write costs a recomputation next time, nothing else."""
+    path = Path(folder) / f"{spec_fingerprint(spec)}.json"
+    try:
+        hit = read_cached(path, spec, strict=False)
+    except CheckpointError:
+        hit = None
+    if hit is not None:
+        return {k: v for k, v in hit.items() if k != "spec"}
+    result = compute()
+    with contextlib.suppress(WriteError):
+        write_cached(path, spec, result)
+    return result
+
+
 def write_manifest(folder: Path, meta: dict[str, Any] | None = None) -> None:
     """Record size + sha256 of every file in ``folder``; called last, after everything else."""
     files = {}

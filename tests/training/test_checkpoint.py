@@ -132,3 +132,21 @@ def test_prune_keeps_last_n_and_latest(tmp_path):
     atomic_write_text(root / LATEST, step_name(4))
     prune(root, 2)
     assert [p.name for p in list_checkpoints(root)] == ["step-00000003", "step-00000004"]
+
+
+def test_memoized_computes_once_and_recovers_from_a_damaged_entry(tmp_path):
+    from inheritune.storage import memoized, spec_fingerprint
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": 3.5}
+
+    spec = {"what": "x", "n": 1}
+    assert memoized(tmp_path, spec, compute) == {"value": 3.5}
+    assert memoized(tmp_path, spec, compute) == {"value": 3.5} and len(calls) == 1
+    assert memoized(tmp_path, {**spec, "n": 2}, compute) == {"value": 3.5} and len(calls) == 2
+    (tmp_path / f"{spec_fingerprint(spec)}.json").write_text("{ damaged")
+    assert memoized(tmp_path, spec, compute) == {"value": 3.5} and len(calls) == 3
+    assert memoized(tmp_path, spec, compute) == {"value": 3.5} and len(calls) == 3  # rewritten

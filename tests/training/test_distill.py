@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, tiny_train_config
 from inheritune import training as T
 from inheritune.config import ConfigError
 from inheritune.models import losses
@@ -20,11 +20,7 @@ SEQ = 16
 
 
 def _cfg(out, **kw) -> T.TrainConfig:
-    base = dict(
-        model="unused", data="unused", out=str(out), steps=4, batch_size=4, seq_len=SEQ,
-        warmup=1, eval_every=0, eval_tokens=4 * SEQ, save_every=0, log_every=1, lr=3e-3,
-    )  # fmt: skip
-    return T.TrainConfig(**{**base, **kw})
+    return tiny_train_config(out, seq_len=SEQ, **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, tiny_train_config
 from inheritune import training as T
 from inheritune.config import ConfigError
+from inheritune.distributed import setup
 from inheritune.models import losses
 from inheritune.training import monitor
 from inheritune.training import precision as P
@@ -22,11 +23,7 @@ SEQ = 16
 
 
 def _cfg(out, **kw) -> T.TrainConfig:
-    base = dict(
-        model="unused", data="unused", out=str(out), steps=4, batch_size=4, seq_len=SEQ,
-        warmup=1, eval_every=0, eval_tokens=4 * SEQ, save_every=0, log_every=1, lr=3e-3,
-    )  # fmt: skip
-    return T.TrainConfig(**{**base, **kw})
+    return tiny_train_config(out, seq_len=SEQ, **kw)
 
 
 def test_emulated_bf16_is_refused_by_the_matmul_probe_alone(tokens, monkeypatch):
@@ -60,14 +57,8 @@ def test_auto_precision_is_recorded_and_reused_on_resume(tmp_path, tokens, token
     # resuming reads the record instead of measuring again: a doctored one is obeyed
     (out / train_mod.PRECISION_FILE).write_text(json.dumps({**record, "precision": "bf16"}))
     cfg = _cfg(out, precision="auto", resume=True)
-    resolved, choice = train_mod._resolve_precision(None, tokens, cfg, res_env())
+    resolved, choice = train_mod._resolve_precision(None, tokens, cfg, setup())
     assert resolved.precision == "bf16" and choice["precision"] == "bf16"
-
-
-def res_env():
-    from inheritune.distributed import setup
-
-    return setup()
 
 
 def test_auto_precision_refuses_fsdp():

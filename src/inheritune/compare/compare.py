@@ -71,7 +71,7 @@ from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
 from inheritune.surgery.mergekit import check_path, config_dtype, export_selections, source_name
 from inheritune.training.checkpoint import checkpoints_root
-from inheritune.training.precision import choose_for_inherited
+from inheritune.training.precision import choose_for_inherited, recorded_choice
 from inheritune.training.train import PRECISION_FILE, train_model
 
 # --------------------------------------------------------------------------- caching
@@ -332,13 +332,11 @@ def _write_outputs(cfg: CompareConfig, summary: dict[str, Any], out: Path):
 def _auto_precision(cfg: CompareConfig, reference, tokens, depth: int) -> str:
     """``--precision auto`` for the whole comparison, timed on the inheritune variant's model;
     recorded in ``OUT/precision.json`` and reused when the comparison resumes."""
-    record = Path(cfg.train.out) / PRECISION_FILE
-    if record.is_file():
-        choice = json.loads(record.read_text())
-    else:
-        choice = choose_for_inherited(reference, depth, cfg.train, tokens.train).to_dict()
-        storage.atomic_write_json(record, choice)
-    print(f"--precision auto: {choice['precision']} ({choice['reason']})", flush=True)
+    choice = recorded_choice(
+        Path(cfg.train.out) / PRECISION_FILE,
+        lambda: choose_for_inherited(reference, depth, cfg.train, tokens.train),
+        reuse=True,  # a comparison always resumes
+    )
     return choice["precision"]
 
 

@@ -305,14 +305,8 @@ def cached_loss(
         "batch_size": batch_size,
         "precision": precision,
     }
-    path = cache_dir() / "evals" / f"{storage.spec_fingerprint(spec)}.json"
-    try:
-        hit = storage.read_cached(path, spec, strict=False)
-    except storage.CheckpointError:
-        hit = None  # a damaged entry is recomputed and rewritten
-    if hit is not None:
-        return float(hit["loss"])
-    loss = evaluate_loss(model, windows, batch_size, precision)
-    with contextlib.suppress(storage.WriteError):  # read-only cache: recomputed next time
-        storage.write_cached(path, spec, {"loss": loss})
-    return loss
+
+    def compute() -> dict:
+        return {"loss": evaluate_loss(model, windows, batch_size, precision)}
+
+    return float(storage.memoized(cache_dir() / "evals", spec, compute)["loss"])

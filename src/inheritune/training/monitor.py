@@ -37,13 +37,8 @@ from torch import nn
 
 from inheritune.config import ConfigError
 from inheritune.models.arch import get_arch
-from inheritune.storage import (
-    CheckpointError,
-    atomic_write_text,
-    read_cached,
-    spec_fingerprint,
-    write_cached,
-)
+from inheritune.models.assets import cache_dir
+from inheritune.storage import atomic_write_text, memoized
 
 
 class StopFlag:
@@ -264,8 +259,6 @@ def device_peak(device: torch.device, precision: str = "fp32") -> Peak:
     """The peak MFU is measured against: a known GPU's datasheet value, else the largest matmul
     rate measured on this machine (CPU: with this process's threads), measured once and cached
     in ``$INHERITUNE_CACHE/peaks`` by CPU, flags, threads, precision and torch version."""
-    from inheritune.models.assets import cache_dir  # the cache's root, not a model
-
     device = torch.device(device)
     if device.type == "cuda":
         known = _known_gpu_peak(device, precision)
@@ -276,16 +269,12 @@ def device_peak(device: torch.device, precision: str = "fp32") -> Peak:
     spec = {"device": where, "precision": precision, "torch": torch.__version__}
     if device.type == "cpu":
         spec.update(cpu_info())
-    path = cache_dir() / "peaks" / f"{spec_fingerprint(spec)}.json"
-    try:
-        hit = read_cached(path, spec, strict=False)
-    except CheckpointError:
-        hit = None
-    if hit is None:
+
+    def measure() -> dict:
         flops, n = _largest_matmul_rate(device, dtype)
-        hit = {"flops": flops, "n": n}
-        with contextlib.suppress(CheckpointError):  # read-only cache: measured again next time
-            write_cached(path, spec, hit)
+        return {"flops": flops, "n": n}
+
+    hit = memoized(cache_dir() / "peaks", spec, measure)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     source = f"measured: largest {precision} matmul loop ({hit['n']}^3) on {where}{threads}"
     return Peak(float(hit["flops"]), source)

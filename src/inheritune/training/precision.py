@@ -19,8 +19,11 @@ report so a reader knows what ran.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from torch import nn
 from inheritune import data
 from inheritune.distributed import DistEnv, all_reduce_sum, autocast
 from inheritune.models.losses import CausalLMLoss
+from inheritune.storage import atomic_write_json
 from inheritune.surgery.bridge import add_bridge_block
 from inheritune.surgery.build import first_layers
 from inheritune.training import optim
@@ -37,7 +41,8 @@ from inheritune.training.config import TrainConfig
 # bf16 is kept only when its step is at least this much faster: a tie goes to fp32, which
 # scores exactly what the reference scores and needs no autocast.
 MIN_SPEEDUP = 1.05
-# a bf16 warm-up slower than this many fp32 steps is emulated bf16: no timed step after it
+# bf16 this many times slower than fp32 (the probe matmul, or the bf16 warm-up step against the
+# fp32 step) is emulated bf16: nothing more of it is timed
 HOPELESS = 3.0
 
 
@@ -70,6 +75,16 @@ def _step_seconds(loss_module: nn.Module, batch: torch.Tensor, precision: str) -
     return seconds
 
 
+def _mean_over_ranks(values: list[float], env: DistEnv | None, device) -> list[float]:
+    """Each value averaged over the ``torchrun`` ranks (as is without one), so that every rank
+    decides on the same numbers."""
+    if env is None or not env.distributed:
+        return values
+    both = torch.tensor(values, dtype=torch.float64, device=device)
+    all_reduce_sum(both, env)
+    return [float(x) / env.world_size for x in both]
+
+
 def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
     """Mean seconds of an (n, n) @ (n, n) matmul in ``dtype`` on the CPU, after one warm-up."""
     gen = torch.Generator().manual_seed(0)
@@ -98,10 +113,7 @@ def choose_precision(
             return PrecisionChoice("bf16", None, None, "CUDA device with bf16 support")
         return PrecisionChoice("fp32", None, None, "CUDA device without bf16 support")
     ratio = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
-    if env is not None and env.distributed:  # every rank decides on the same numbers
-        agreed = torch.tensor([ratio], dtype=torch.float64)
-        all_reduce_sum(agreed, env)
-        ratio = float(agreed[0]) / env.world_size
+    (ratio,) = _mean_over_ranks([ratio], env, device)
     if ratio > HOPELESS:
         why = f"a bf16 matmul is {ratio:.0f}x slower than fp32 on this CPU (bf16 is emulated)"
         return PrecisionChoice("fp32", None, None, why, ratio)
@@ -119,10 +131,7 @@ def choose_precision(
             bf16 = _step_seconds(loss_module, batch, "bf16")
     finally:
         model.train(was_training)
-    if env is not None and env.distributed:
-        both = torch.tensor([fp32, bf16], dtype=torch.float64, device=device)
-        all_reduce_sum(both, env)
-        fp32, bf16 = (float(x) / env.world_size for x in both)
+    fp32, bf16 = _mean_over_ranks([fp32, bf16], env, device)
     if bf16 * MIN_SPEEDUP <= fp32:
         why = f"bf16 step {fp32 / bf16:.2f}x faster than fp32 on this CPU"
         return PrecisionChoice("bf16", fp32, bf16, why, ratio)
@@ -150,3 +159,20 @@ def choose_for_inherited(
     if cfg.train_top:
         optim.train_only_top(probe, cfg.train_top)
     return choose_precision(probe, train_ids, cfg.micro_batch(), cfg.seq_len, env)
+
+
+def recorded_choice(
+    record: Path, measure: Callable[[], PrecisionChoice], reuse: bool, is_main: bool = True
+) -> dict:
+    """The choice in ``record`` when ``reuse`` (a resumed run keeps the precision it started
+    with) and the file exists; else ``measure()``, written to ``record`` by the main process.
+    Says what was chosen, and why, on the console."""
+    if reuse and record.is_file():
+        choice = json.loads(record.read_text())
+    else:
+        choice = measure().to_dict()
+        if is_main:
+            atomic_write_json(record, choice)
+    if is_main:
+        print(f"--precision auto: {choice['precision']} ({choice['reason']})", flush=True)
+    return choice

@@ -24,7 +24,6 @@ Its parts live where they belong:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -62,7 +61,7 @@ from inheritune.training import monitor, optim
 from inheritune.training.checkpoint import LATEST, checkpoints_root, prune, read_latest, step_name
 from inheritune.training.config import TrainConfig
 from inheritune.training.distill import Teacher, shared_bottom
-from inheritune.training.precision import choose_precision
+from inheritune.training.precision import choose_precision, recorded_choice
 
 PRECISION_FILE = "precision.json"  # what --precision auto chose, reused when resuming
 
@@ -357,16 +356,13 @@ def _resolve_precision(model, tokens, cfg: TrainConfig, env) -> tuple[TrainConfi
     """``--precision auto``: measure here (or, resuming, reuse what this run measured before)."""
     if cfg.precision != "auto":
         return cfg, None
-    record = Path(cfg.out) / PRECISION_FILE
-    if cfg.resume and record.is_file():
-        choice = json.loads(record.read_text())
-    else:
-        micro = cfg.micro_batch(env.world_size)
-        choice = choose_precision(model, tokens.train, micro, cfg.seq_len, env).to_dict()
-        if env.is_main:
-            atomic_write_json(record, choice)
-    if env.is_main:
-        tqdm.write(f"--precision auto: {choice['precision']} ({choice['reason']})")
+    micro = cfg.micro_batch(env.world_size)
+    choice = recorded_choice(
+        Path(cfg.out) / PRECISION_FILE,
+        lambda: choose_precision(model, tokens.train, micro, cfg.seq_len, env),
+        reuse=cfg.resume,
+        is_main=env.is_main,
+    )
     return replace(cfg, precision=choice["precision"]), choice
 
 
