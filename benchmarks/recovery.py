@@ -87,8 +87,9 @@ import torch
 from torch import nn
 
 from inheritune import data
+from inheritune.analysis.layer_scores import layer_scores
 from inheritune.compare.compare import tokens_to_reach
-from inheritune.compare.variants import build_initial, layer_scores
+from inheritune.compare.variants import build_initial
 from inheritune.config import (
     ConfigError,
     add_dataclass_args,
@@ -98,7 +99,6 @@ from inheritune.config import (
 )
 from inheritune.data import inputs
 from inheritune.models import assets, losses
-from inheritune.models.arch import get_arch
 from inheritune.surgery import build as surgery
 from inheritune.surgery.bridge import BridgeConfig, build_bridged, calibration_windows
 from inheritune.surgery.calibrate import calibrate_final_norm
@@ -229,9 +229,8 @@ def build(
     setup: dict[str, Any] = {"calibration": None, "bridge": None, "seconds": 0.0}
     if exp.variant:
         windows = data.sample_windows(tokens.train, PRUNE_WINDOWS, cfg.seq_len, cfg.seed)
-        drop = get_arch(reference).num_layers - exp.layers
         t0 = time.perf_counter()
-        scores = layer_scores(reference, windows, drop, "last")
+        scores = layer_scores(reference, windows)
         model, info = build_initial(reference, exp.variant, exp.layers, cfg.seed, lambda: scores)
         setup.update(variant=info, seconds=time.perf_counter() - t0)
     elif exp.bridge:

@@ -85,7 +85,7 @@ SMOKE_TRAIN = {
     "save_every": 0,
     "warmup": 1,
 }
-SMOKE_COMPARE = {"calib_windows": 2, "calib_seq_len": 32}
+SMOKE_COMPARE = {"score_windows": 2, "score_seq_len": 32, "calib_seq_len": 32}
 SMOKE_RUN = {
     "analysis_num_seqs": 4,
     "analysis_seq_len": 32,

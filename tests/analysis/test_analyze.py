@@ -15,6 +15,7 @@ import torch
 from conftest import ARCHS, tiny_model
 from inheritune import cli, data
 from inheritune.analysis import report as analysis_report
+from inheritune.analysis import scoring, selection
 from inheritune.analysis.analyze import AnalyzeConfig, run_analysis
 from inheritune.analysis.report import AnalysisResult
 from inheritune.config import ConfigError
@@ -78,6 +79,12 @@ def test_every_architecture_returns_weights_and_agrees(arch):
     np.testing.assert_allclose(result.mass, mass)
     np.testing.assert_allclose(result.top_share, top, rtol=1e-6)
     assert result.rank.std() > 0  # varied heads: the comparison is not between constants
+    # the same pass measures what the --select rules use, as scoring.py defines it
+    np.testing.assert_allclose(result.block_influence, scoring.block_influence(model, ids), 1e-5)
+    for n in (1, 2, 3):
+        np.testing.assert_allclose(
+            result.angular[n - 1], scoring.angular_distances(model, ids, n, tokens="last"), 1e-5
+        )
 
 
 def test_sdpa_model_is_switched_to_eager_and_restored():
@@ -182,6 +189,13 @@ def test_cli_end_to_end_and_report(tiny_folder, corpus_file, tmp_path, tokenizer
     np.testing.assert_array_equal(back.input_ids, ids)
     np.testing.assert_allclose(back.rank, rank)
     assert back.to_dict() == report
+    # BI, angular distance and MaxRank side by side, and what each rule keeps
+    assert [layer["block_influence"] for layer in report["layers"]] == list(back.block_influence)
+    table = report["selections"]["1"]
+    assert table["first"] == [0] and set(table) == set(selection.RULES)
+    want_bi = int(np.argmax([layer["block_influence"] for layer in report["layers"]]))
+    assert table["bi"] == [want_bi]
+    assert "BI" in printed and "angular" in printed and "keeps at 1 of 3" in printed
 
 
 def test_help_lists_flags(capsys):

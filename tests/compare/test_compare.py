@@ -50,7 +50,8 @@ def make_cfg(folder, corpus, out, **kw) -> CompareConfig:
         "depth": 2,
         "steps": 2,
         "train": dict(TRAIN),
-        "calib_windows": 4,
+        "score_windows": 4,
+        "score_seq_len": 16,
         "calib_seq_len": 16,
     }
     return build(CompareConfig, **{**base, **kw})
@@ -126,7 +127,7 @@ def test_every_variant_on_a_tiny_model(tiny_folder, corpus_file, tmp_path, capsy
         scores["block_influence"], 2
     )
     assert rows["prune-angular"]["init"]["dropped"] == scoring.best_block_drop(
-        scores["angular_distance"], 2
+        scores["angular"][1], 2
     )
     assert len(scores["max_rank"]) == 4 and len(rows["prune-lazy"]["init"]["dropped"]) == 2
     # keep-last: layers 0..l-2 and the final one
@@ -278,7 +279,7 @@ def test_cli(tiny_folder, corpus_file, tmp_path, capsys):
     assert "known: inheritune" in capsys.readouterr().err
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(
-        f"model: {folder}\ndata: {corpus_file}\ndepth: 2\nsteps: 1\ncalib_windows: 2\n"
+        f"model: {folder}\ndata: {corpus_file}\ndepth: 2\nsteps: 1\nscore_windows: 2\n"
         f"calib_seq_len: 16\ntrain: {json.dumps(TRAIN)}\n"
     )
     out = tmp_path / "cli"
@@ -378,7 +379,7 @@ def test_angular_tokens_and_mergekit_export(tiny_folder, corpus_file, tmp_path):
     stored = json.loads((tmp_path / "a" / "scores.json").read_text())
     assert stored["spec"]["angular_tokens"] == "last"
     last = scoring.angular_distances(ref, windows, 2, tokens="last")
-    np.testing.assert_allclose(stored["scores"]["angular_distance"], last, rtol=1e-6)
+    np.testing.assert_allclose(stored["scores"]["angular"][1], last, rtol=1e-6)
     assert rows["prune-angular"]["init"]["dropped"] == scoring.best_block_drop(last, 2)
     # switching to all tokens in the same --out is refused for prune-angular ...
     with pytest.raises(ConfigError, match=r"different settings.*calibration"):
@@ -396,7 +397,7 @@ def test_angular_tokens_and_mergekit_export(tiny_folder, corpus_file, tmp_path):
     )
     stored = json.loads((tmp_path / "b" / "scores.json").read_text())
     every = scoring.angular_distances(ref, windows, 2, tokens="all")
-    np.testing.assert_allclose(stored["scores"]["angular_distance"], every, rtol=1e-6)
+    np.testing.assert_allclose(stored["scores"]["angular"][1], every, rtol=1e-6)
     assert not np.allclose(every, last)
     with pytest.raises(ConfigError, match="--angular-tokens must be one of last, all"):
         make_cfg(folder, corpus_file, tmp_path, angular_tokens="first")

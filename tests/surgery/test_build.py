@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -349,32 +350,6 @@ def test_drop_layers_keeps_the_complement_in_order():
 # --------------------------------------------------------------------------- selections
 
 
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [("0-13", list(range(14))), ("0,1,2,5", [0, 1, 2, 5]), ("0-3,8", [0, 1, 2, 3, 8]),
-     (" 7 ", [7]), ("29", [29])],
-)  # fmt: skip
-def test_parse_layers(spec, expected):
-    assert surgery.parse_layers(spec, 30) == expected
-
-
-@pytest.mark.parametrize(
-    ("spec", "match"),
-    [
-        ("", "empty"),
-        ("0-30", r"index 30 is out of range; the reference has 30 layers"),
-        ("0,1,1", r"duplicate layer indices \[1\]"),
-        ("5-3", "backwards"),
-        ("a-b", "cannot parse 'a-b'"),
-        ("0,,1", "cannot parse ''"),
-        ("-1", "cannot parse '-1'"),
-    ],
-)
-def test_parse_layers_errors(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        surgery.parse_layers(spec, 30)
-
-
 def test_bad_depths():
     ref = reference("llama")
     with pytest.raises(ConfigError, match="must be >= 1"):
@@ -431,6 +406,37 @@ def test_inherit_explicit_layers_and_parts(tiny_folder, tmp_path):
     assert prov["kept_layers"] == [0, 3] and prov["parts"] == "attn"
 
 
+def test_inherit_scored_selection(tiny_folder, corpus_file, tmp_path):
+    """--select bi keeps the layers of highest Block Influence on training-split windows, and
+    the saved folder is a plain checkpoint of those layers."""
+    from transformers import AutoModelForCausalLM
+
+    from inheritune.analysis import selection
+    from inheritune.analysis.layer_scores import layer_scores, score_windows
+    from inheritune.data.prepare import load_tokens
+    from inheritune.models import loading as models
+
+    ref_dir = tiny_folder("llama", layers=L)
+    out = tmp_path / "bi"
+    argv = ["inherit", "--model", str(ref_dir), "--data", str(corpus_file), "--out", str(out)]
+    assert cli.main([*argv, "--num-layers", "2", "--select", "bi", "--score-windows", "3",
+                     "--score-seq-len", "12"]) == 0  # fmt: skip
+    prov = json.loads((out / "provenance.json").read_text())
+    ref = models.load_model(str(ref_dir))
+    tokens = load_tokens(str(corpus_file), models.load_tokenizer(str(ref_dir)))
+    windows = score_windows(tokens.train, selection.SelectConfig(score_windows=3,
+                                      score_seq_len=12), 0)  # fmt: skip
+    bi = layer_scores(ref, windows, ["block_influence"], cache=False).block_influence
+    want = sorted(np.argsort(-np.asarray(bi), kind="stable")[:2].tolist())
+    assert prov["kept_layers"] == want and prov["select"] == "bi"
+    np.testing.assert_allclose(prov["layer_scores"]["block_influence"], bi, rtol=1e-6)
+    target = AutoModelForCausalLM.from_pretrained(out)
+    assert target.config.num_hidden_layers == 2
+    for j, i in enumerate(want):
+        new, old = block_state(target, j), block_state(ref, i)
+        assert all(torch.equal(new[n], old[n]) for n in new)
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
@@ -438,8 +444,14 @@ def test_inherit_explicit_layers_and_parts(tiny_folder, tmp_path):
         (["--num-layers", "0"], "--num-layers must be >= 1"),
         (["--layers", "0,0"], r"duplicate layer indices \[0\]"),
         (["--layers", "0-9"], "out of range"),
-        ([], "exactly one of --num-layers K or --layers"),
+        ([], "exactly one of --num-layers K"),
         (["--num-layers", "2", "--layers", "0-1"], "exactly one of"),
+        (["--num-layers", "2", "--select", "best"], "--select must be one of first, bi"),
+        (["--select", "0,0"], r"--select: duplicate layer indices \[0\]"),
+        (["--select", "2,1"], "ascending"),
+        (["--select", "0-4"], "index 4 is out of range"),
+        (["--select", "bi"], "exactly one of --num-layers K"),
+        (["--layers", "0,1", "--select", "bi"], "give the layers once"),
     ],
 )
 def test_inherit_cli_errors(args, match, tiny_folder, tmp_path, capsys):

@@ -4,7 +4,9 @@ Samples ``--num-seqs`` windows of ``--seq-len`` tokens from the validation split
 with eager attention (fused kernels return no weights) and, for every head of every layer,
 computes the approximate rank k*(tau), the dominant-column mass m*(eta) and the largest column's
 share, each averaged over the sequences. From those: MaxRank and AvgMass per layer, lazy layers,
-contiguous lazy groups and a suggested initial depth for the recipe, written by
+contiguous lazy groups and a suggested initial depth for the recipe; in the same pass, hooks on
+the blocks measure Block Influence and the angular distance of every span (the scores the
+``--select`` rules keep layers by, :mod:`inheritune.analysis.selection`). All of it is written by
 :mod:`inheritune.analysis.report` (``analysis.json`` records the exact definitions used); layers
 are numbered from 0 there and in every table (the paper's plots number from 1).
 ``--rank-of-mean`` adds the rank of the mean attention matrix as a second, separately labelled
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from inheritune.analysis import metrics
+from inheritune.analysis import metrics, scoring
 from inheritune.analysis.report import AnalysisResult, summary_table, write_report
 from inheritune.config import (
     ConfigError,
@@ -151,6 +153,41 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class BlockChange:
+    """How much each block changes its input, from hooks on the blocks during the same pass:
+    Block Influence (:mod:`.scoring`, every token) and the angular distance of every span at
+    the last token (Gromov et al.), from the last-token states only (memory (L + 1) x N x D)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.change = [0.0] * num_layers  # sum over tokens of 1 - cos(input, output)
+        self.tokens = [0] * num_layers
+        self.last: list[list[torch.Tensor]] = [[] for _ in range(num_layers + 1)]  # (B, 1, D)
+        self._input: list[torch.Tensor | None] = [None] * num_layers
+
+    def enter(self, i: int, h: torch.Tensor) -> None:
+        self._input[i] = h.detach()
+        self.last[i].append(h.detach()[:, -1:].float().cpu())
+
+    def leave(self, i: int, h: torch.Tensor) -> None:
+        x, self._input[i] = self._input[i], None
+        n = x.shape[0] * x.shape[1]
+        self.change[i] += float(scoring.block_influence_from_states([x, h.detach()])[0]) * n
+        self.tokens[i] += n
+        if i == self.num_layers - 1:
+            self.last[i + 1].append(h.detach()[:, -1:].float().cpu())
+
+    def block_influence(self) -> np.ndarray:
+        return np.array([c / max(1, n) for c, n in zip(self.change, self.tokens, strict=True)])
+
+    def angular(self) -> list[list[float]]:
+        states = [torch.cat(chunks) for chunks in self.last]
+        return [
+            scoring.angular_distances_from_states(states, n, "last").tolist()
+            for n in range(1, self.num_layers + 1)
+        ]
+
+
 class HeadMeans:
     """Running per-(layer, head) means over sequences of the per-sequence metrics.
 
@@ -235,11 +272,27 @@ def run_analysis(
 
         return hook
 
+    change = BlockChange(arch.num_layers)
+
+    def block_hooks(i: int):
+        def enter(_mod, args, kwargs):
+            change.enter(i, args[0] if args else kwargs["hidden_states"])
+
+        def leave(_mod, _args, output):
+            change.leave(i, output[0] if isinstance(output, tuple) else output)
+
+        block = arch.layers[i]
+        return [
+            block.register_forward_pre_hook(enter, with_kwargs=True),
+            block.register_forward_hook(leave),
+        ]
+
     device = next(model.parameters()).device
     start = time.perf_counter()
     handles = [
         arch.attention(i).register_forward_hook(make_hook(i)) for i in range(arch.num_layers)
     ]
+    handles += [h for i in range(arch.num_layers) for h in block_hooks(i)]
     try:
         with eager_attention(model), torch.inference_mode():
             body = model.base_model  # the blocks without the LM head: logits are not needed
@@ -267,6 +320,8 @@ def run_analysis(
         min_group=cfg.min_group,
         seconds=time.perf_counter() - start,
         rank_of_mean=acc.rank_of_mean(cfg.tau) if cfg.rank_of_mean else None,
+        block_influence=change.block_influence(),
+        angular=change.angular(),
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inheritune.analysis import metrics, plots
+from inheritune.analysis import metrics, plots, selection
 from inheritune.models.arch import LAYER_NUMBERING
 
 
@@ -47,6 +47,24 @@ class AnalysisResult:
     data: str | None = None
     seed: int | None = None
     rank_of_mean: np.ndarray | None = None  # (L, H) k*(tau) of the mean matrix, if asked for
+    block_influence: np.ndarray | None = None  # (L,) ShortGPT's BI, every token
+    angular: list[list[float]] | None = None  # angular[n - 1][i]: span n from block i, last token
+
+    def layer_scores(self) -> selection.LayerScores:
+        """The per-layer scores the ``--select`` rules use, as measured on these windows."""
+        bi = None if self.block_influence is None else [float(x) for x in self.block_influence]
+        return selection.LayerScores(
+            self.num_layers,
+            block_influence=bi,
+            angular=self.angular,
+            max_rank=[float(x) for x in self.max_rank],
+        )
+
+    def selections(self) -> dict[int, dict[str, list[int]]]:
+        """What every ``--select`` rule keeps at the paper's and the analysis' depth."""
+        depths = sorted({self.half_depth, min(self.suggested_depth, self.num_layers)})
+        scores = self.layer_scores()
+        return {k: selection.selection_table(self.num_layers, k, scores) for k in depths}
 
     @property
     def num_layers(self) -> int:
@@ -115,6 +133,10 @@ class AnalysisResult:
             }
             for i in range(self.num_layers)
         ]
+        if self.block_influence is not None:
+            for i, layer in enumerate(layers):
+                layer["block_influence"] = float(self.block_influence[i])
+                layer["angular_distance"] = self.angular[0][i]  # span 1, last token
         if self.rank_of_mean is not None:  # a different number, under its own name
             for i, layer in enumerate(layers):
                 layer["rank_of_mean_per_head"] = self.rank_of_mean[i].tolist()
@@ -139,6 +161,8 @@ class AnalysisResult:
             "suggested_depth": {"paper_half": self.half_depth, "analysis": depth, "rule": rule},
             "seconds": round(self.seconds, 3),
             "layers": layers,
+            "angular_distance_spans": self.angular,
+            "selections": {str(k): v for k, v in self.selections().items()},
             "input_ids": self.input_ids.tolist(),
         }
 
@@ -166,6 +190,10 @@ class AnalysisResult:
             data=d.get("data"),
             seed=d.get("seed"),
             rank_of_mean=per_head("rank_of_mean_per_head") if has_rom else None,
+            block_influence=np.array([layer["block_influence"] for layer in d["layers"]])
+            if d["layers"] and "block_influence" in d["layers"][0]
+            else None,
+            angular=d.get("angular_distance_spans"),
         )
 
 
@@ -231,6 +259,7 @@ def summary_table(result: AnalysisResult) -> str:
         f"{result.num_heads} heads, {n} windows x {t} tokens, tau={result.tau}, eta={result.eta}",
         f"{'layer':>5} {'MaxRank':>8} {'AvgRank':>8} {'AvgMass':>8} {'p_max':>6} "
         f"{'rank1 heads':>11} {'lazy':>5} {'group':>5}"
+        + (f" {'BI':>7} {'angular':>7}" if result.block_influence is not None else "")
         + (f" {'MaxRankOfMean':>13}" if result.rank_of_mean is not None else ""),
     ]
     for i in range(result.num_layers):
@@ -239,6 +268,11 @@ def summary_table(result: AnalysisResult) -> str:
             f"{i:>5} {max_rank[i]:>8.2f} {result.rank[i].mean():>8.2f} {avg_mass[i]:>8.2f} "
             f"{top[i]:>6.2f} {f'{rank1_heads}/{result.num_heads}':>11} "
             f"{'yes' if lazy[i] else '':>5} {group_of.get(i, ''):>5}"
+            + (
+                f" {result.block_influence[i]:>7.4f} {result.angular[0][i]:>7.4f}"
+                if result.block_influence is not None
+                else ""
+            )
             + (f" {result.rank_of_mean[i].max():>13.0f}" if result.rank_of_mean is not None else "")
         )
     depth, rule = result.suggestion
@@ -249,6 +283,18 @@ def summary_table(result: AnalysisResult) -> str:
         f"suggested initial depth: paper L/2 = {result.half_depth}; analysis = {depth} ({rule})",
         "layers are numbered from 0 (the paper's plots number from 1)",
     ]
+    if result.block_influence is not None:
+        lines.append(
+            "BI: Block Influence, 1 - mean cos(input, output) over every token (ShortGPT); "
+            "angular: arccos(cos(input, output)) / pi at the last token (Gromov et al.)"
+        )
+        for k, table in result.selections().items():
+            lines.append(
+                f"layers each --select rule keeps at {k} of {result.num_layers} (these windows):"
+            )
+            lines += [
+                f"  {rule:>9}: {selection.layer_ranges(kept)}" for rule, kept in table.items()
+            ]
     if result.rank_of_mean is not None:
         lines.append(
             "MaxRankOfMean: max over heads of k*(tau) of the mean attention matrix (--rank-of-mean);"

@@ -27,7 +27,6 @@ from inheritune.compare.variants import (
     default_depth,
     half_width_reason,
     layer_ranges,
-    layer_scores,
     train_top_warning,
     unbuildable_reason,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "half_width_reason",
     "is_cached",
     "layer_ranges",
-    "layer_scores",
     "render_markdown",
     "run_variant",
     "tokens_to_reach",

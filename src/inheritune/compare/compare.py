@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from torch import nn
 
 from inheritune import storage
 from inheritune.analysis import plots
+from inheritune.analysis.layer_scores import layer_scores, score_windows
+from inheritune.analysis.selection import SCORE_OF, LayerScores
 from inheritune.compare.config import CompareConfig
 from inheritune.compare.variants import (
     VARIANTS,
@@ -49,13 +51,12 @@ from inheritune.compare.variants import (
     default_depth,
     half_width_reason,
     layer_ranges,
-    layer_scores,
     train_top_warning,
     unbuildable_reason,
 )
 from inheritune.config import ConfigError, save_resolved, to_dict
 from inheritune.data import inputs
-from inheritune.data.windows import eval_windows, sample_windows
+from inheritune.data.windows import eval_windows
 from inheritune.models import loading as models
 from inheritune.models.arch import LAYER_NUMBERING
 from inheritune.models.losses import evaluate_loss
@@ -87,12 +88,16 @@ def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
     for key in ("out", "resume", "dist_timeout", "tensorboard"):  # no effect on the result
         train.pop(key, None)
     spec: dict[str, Any] = {"variant": name, "depth": depth, "train": train}
-    if v.score:
-        spec["calibration"] = {"windows": cfg.calib_windows, "seq_len": cfg.calib_seq_len}
+    select = cfg.selection.select if name == "inheritune" else v.select
+    if select is not None and select != "first":
+        spec["select"] = select
+    if select in SCORE_OF:
+        sel = cfg.selection
+        spec["calibration"] = {"windows": sel.score_windows, "seq_len": sel.score_seq_len}
+        if select == "angular":
+            spec["calibration"]["angular_tokens"] = sel.angular_tokens
     if name == "inheritune" and cfg.bridging.bridge != "none":
         spec["bridge"] = to_dict(cfg.bridging)
-    if v.score == "angular_distance":
-        spec["calibration"]["angular_tokens"] = cfg.angular_tokens
     return canonical(spec)
 
 
@@ -122,36 +127,29 @@ class RunContext:
     depth: int
     num_layers: int
     out: Path
-    _scores: dict[str, list[float]] | None = None
+    _scores: LayerScores | None = None
 
-    def scores(self) -> dict[str, list[float]]:
-        """Layer scores of the reference on calibration windows, computed once and cached."""
+    def scores(self) -> LayerScores:
+        """Every layer score of the reference on training-split windows (the validation windows
+        stay unseen), computed once per machine (``$INHERITUNE_CACHE/scores``) and written to
+        ``scores.json`` beside the results."""
         if self._scores is None:
-            self._scores = self._load_or_compute_scores()
+            cfg = self.cfg
+            windows = score_windows(self.tokens.train, cfg.selection, cfg.train.seed)
+            rules = [VARIANTS[n].select for n in cfg.selected()] + [cfg.selection.select]
+            need = sorted({SCORE_OF[r] for r in rules if r in SCORE_OF})
+            scores = layer_scores(self.reference, windows, need, cfg.selection.angular_tokens)
+            spec = {
+                "model": cfg.train.model,
+                "data": cfg.train.data,
+                "seed": cfg.train.seed,
+                "windows": cfg.selection.score_windows,
+                "seq_len": cfg.selection.score_seq_len,
+                "angular_tokens": cfg.selection.angular_tokens,
+            }
+            write_cached(self.out / "scores.json", spec, {"scores": asdict(scores)})
+            self._scores = scores
         return self._scores
-
-    def _load_or_compute_scores(self) -> dict[str, list[float]]:
-        cfg, path = self.cfg, self.out / "scores.json"
-        spec = {
-            "model": cfg.train.model,
-            "data": cfg.train.data,
-            "seed": cfg.train.seed,
-            "windows": cfg.calib_windows,
-            "seq_len": cfg.calib_seq_len,
-            "drop": self.num_layers - self.depth,
-            "angular_tokens": cfg.angular_tokens,
-        }
-        cached = read_cached(path, spec, strict=False)
-        if cached is not None:
-            return cached["scores"]
-        # Calibration data from the training split: the validation windows stay unseen.
-        windows = sample_windows(
-            self.tokens.train, cfg.calib_windows, cfg.calib_seq_len, cfg.train.seed
-        )
-        drop = self.num_layers - self.depth
-        scores = layer_scores(self.reference, windows, drop, cfg.angular_tokens)
-        write_cached(path, spec, {"scores": scores})
-        return scores
 
 
 def _train_stage(
@@ -225,7 +223,9 @@ def run_variant(ctx: RunContext, name: str, spec: dict[str, Any]) -> dict[str, A
         s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
         evals, stages = s["evals"], [s]
     else:
-        model, info = build_initial(ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores)
+        model, info = build_initial(
+            ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores, cfg.selection.select
+        )
         params = models.count_parameters(model)
         s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
         evals, stages = s["evals"], [s]
@@ -345,7 +345,8 @@ def compare(cfg: CompareConfig) -> CompareResult:
     t = cfg.train
     config = models.load_config(t.model, t.trust_remote_code)
     models.check_context(config, t.seq_len)
-    models.check_context(config, cfg.calib_seq_len, "calib_seq_len")
+    models.check_context(config, cfg.bridging.calib_seq_len, "calib_seq_len")
+    models.check_context(config, cfg.selection.score_seq_len, "score_seq_len")
     L = int(config.num_hidden_layers)
     depth = cfg.depth if cfg.depth is not None else default_depth(L)
     check_depth(depth, L)

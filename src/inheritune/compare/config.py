@@ -1,6 +1,7 @@
 """:class:`CompareConfig`: what ``inheritune compare`` runs, as flags and YAML.
 
-The comparison depth and variants, the calibration windows the pruning scores are measured on,
+The comparison depth and variants, the layer selection (``--select``, and the calibration windows
+the scored selections are measured on),
 the distillation temperature and the mergekit export, composed with the one
 :class:`~inheritune.training.config.TrainConfig` every variant is trained with (same corpus, data
 order, tokens per step, ``T`` steps and validation windows). It lives apart from the command so
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from inheritune.analysis import scoring
+from inheritune.analysis.selection import SelectConfig
 from inheritune.compare.variants import (
     VARIANTS,
 )
@@ -59,24 +60,12 @@ class CompareConfig:
         default=0.4,
         metadata={"help": "the kd-* variants' loss = (1-a) LM + a KL (paper: 0.4)", "max": 1},
     )
-    calib_windows: int = field(
-        default=16,
-        metadata={
-            "help": "training-split windows for the pruning scores (BI, angular, MaxRank)",
-            "min": 1,
-        },
-    )
+    # --select: the inheritune variant's layers (default first, the paper's), and the
+    # training-split windows every scored selection (prune-bi, prune-angular, prune-lazy) uses
+    selection: SelectConfig = nested(SelectConfig)  # noqa: RUF009 (nested() returns a field)
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
     # ^ --bridge block: the inheritune variant becomes the reference's first l-1 layers + one
-    # fitted bridge block (still l layers; inheritune.surgery.bridge). --calib-seq-len is shared: the
-    # pruning scores' calibration windows have the same length.
-    angular_tokens: str = field(
-        default="last",
-        metadata={
-            "help": "prune-angular's tokens: 'last' (Gromov et al., PruneMe) or 'all'",
-            "choices": scoring.ANGULAR_TOKENS,
-        },
-    )
+    # fitted bridge block (still l layers; inheritune.surgery.bridge).
     export_mergekit: str | None = field(
         default=None,
         metadata={
@@ -104,10 +93,9 @@ class CompareConfig:
             if len(set(self.variants)) != len(self.variants):
                 raise ConfigError(f"--variants lists a variant twice: {self.variants}")
         check_unit_interval("kd_alpha", self.kd_alpha)
-        if self.angular_tokens not in scoring.ANGULAR_TOKENS:
+        if self.bridging.bridge != "none" and self.selection.rule != "first":
             raise ConfigError(
-                f"--angular-tokens must be one of {', '.join(scoring.ANGULAR_TOKENS)}, "
-                f"got {self.angular_tokens!r}"
+                "--bridge block in compare bridges the first l-1 layers: --select first"
             )
 
     def train_config(self, out: str | Path, steps: int, distill: bool = False) -> TrainConfig:
@@ -129,11 +117,6 @@ class CompareConfig:
             distill_alpha=alpha,
             tensorboard=tb or None,
         )
-
-    @property
-    def calib_seq_len(self) -> int:
-        """Tokens per calibration window (the bridge's and the pruning scores')."""
-        return self.bridging.calib_seq_len
 
     def selected(self) -> list[str]:
         return list(self.variants) if self.variants is not None else list(VARIANTS)

@@ -4,13 +4,15 @@ Each variant is a model of depth ``l`` (the comparison depth) built from the ref
 way (:func:`build_initial`) and trained with the one
 :class:`~inheritune.training.config.TrainConfig` that :mod:`inheritune.compare.compare` shares
 between them all. :data:`VARIANTS` records each one's budget and, for the pruning variants, the
-layer score it drops by (:func:`layer_scores`). The variants (docs/design/paper.md §3 and the
-layer-pruning literature):
+``--select`` rule it keeps layers by: the pruning variants are the selections of
+:mod:`inheritune.analysis.selection`, the same that ``inherit`` and ``run`` build, not a second
+implementation. The variants (docs/design/paper.md §3 and the layer-pruning literature):
 
 =================  ===============================================================  ======
 name               initial model                                                    budget
 =================  ===============================================================  ======
-inheritune         reference layers 0..l-1 (+ embeddings, final norm, head)         T
+inheritune         reference layers 0..l-1 (+ embeddings, final norm, head), or the  T
+                   layers ``--select`` keeps
 random             l layers, random init                                            T
 random-2x          the same random init, trained twice as long                      2T
 stacking           l/2 random layers trained T, the whole stack copied on top of    2T
@@ -37,15 +39,14 @@ seams. Layers are numbered from 0 (``LAYER_NUMBERING``; the paper's plots number
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from inheritune.analysis import scoring
+from inheritune.analysis import selection
+from inheritune.analysis.selection import layer_ranges
 from inheritune.config import ConfigError
 from inheritune.models.arch import get_arch
 from inheritune.surgery import build as surgery
@@ -59,7 +60,12 @@ class Variant:
     description: str
     budget: int = 1
     distill: bool = False
-    score: str | None = None  # the layer score a pruning variant needs
+    select: str | None = None  # the --select rule a pruning variant keeps its layers by
+
+    @property
+    def scored(self) -> bool:
+        """Whether the variant's layers depend on measured layer scores."""
+        return self.select in selection.SCORE_OF
 
 
 VARIANTS: dict[str, Variant] = {
@@ -74,10 +80,14 @@ VARIANTS: dict[str, Variant] = {
         Variant("kd-random", "random init, distilled from the reference", distill=True),
         Variant("kd-every-other", "reference layers 0,2,4,..., distilled", distill=True),
         Variant("lazy-init", "reference layers L-l..L-1 (deepest)"),
-        Variant("prune-bi", "drop lowest Block Influence layers", score="block_influence"),
-        Variant("prune-angular", "drop least angular-distance block", score="angular_distance"),
-        Variant("prune-keep-last", "drop the deepest layers but the last (0..l-2, L-1)"),
-        Variant("prune-lazy", "drop lowest MaxRank layers", score="max_rank"),
+        Variant("prune-bi", "drop lowest Block Influence layers", select="bi"),
+        Variant("prune-angular", "drop least angular-distance block", select="angular"),
+        Variant(
+            "prune-keep-last",
+            "drop the deepest layers but the last (0..l-2, L-1)",
+            select="keep-last",
+        ),
+        Variant("prune-lazy", "drop lowest MaxRank layers", select="lazy"),
         Variant("scratch-full", "all L layers, random init (full depth)"),
     ]
 }
@@ -94,7 +104,7 @@ def default_depth(num_layers: int) -> int:
 def train_top_warning(train_top: int, names: list[str]) -> str | None:
     """Why ``--train-top`` hurts the pruned variants among ``names`` (None when it does not):
     those that drop layers by a score, whose seams can lie anywhere in the stack."""
-    pruned = [n for n in names if VARIANTS[n].score]
+    pruned = [n for n in names if VARIANTS[n].scored]
     if not train_top or not pruned:
         return None
     return (
@@ -140,43 +150,30 @@ def half_width_reason(reference: nn.Module) -> str | None:
 # --------------------------------------------------------------------------- building
 
 
-def layer_scores(
-    reference: nn.Module, windows: np.ndarray, drop: int, angular_tokens: str
-) -> dict[str, list[float]]:
-    """The pruning variants' layer scores on calibration windows (one forward for BI and
-    angular distance, one eager pass for MaxRank)."""
-    states = scoring.block_states(reference, windows)
-    angular = scoring.angular_distances_from_states(states, drop, angular_tokens)
-    scores = {
-        "block_influence": scoring.block_influence_from_states(states).tolist(),
-        "angular_distance": angular.tolist(),
-        "max_rank": _max_ranks(reference, windows),
-    }
-    del states
-    return scores
-
-
-def _max_ranks(reference: nn.Module, windows: np.ndarray) -> list[float]:
-    """MaxRank per layer (docs/design/paper.md §1, tau = 0.9) on the calibration windows."""
-    from inheritune.analysis import analyze
-
-    result = analyze.run_analysis(reference, windows, analyze.AnalyzeConfig(), progress=False)
-    return [float(x) for x in result.max_rank]
-
-
 def build_initial(
     reference: nn.Module,
     name: str,
     depth: int,
     seed: int,
-    scores: Callable[[], dict[str, list[float]]],
+    scores: Callable[[], selection.LayerScores],
+    select: str = "first",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The untrained ``depth``-layer model of variant ``name`` and a record of how it was made;
-    ``scores()`` gives the pruning variants' layer scores (computed only when needed)."""
+    ``scores()`` gives the reference's layer scores (computed only when a selection needs them);
+    ``select`` is the inheritune variant's rule (``--select``)."""
     ref, d = reference, depth
     L = get_arch(ref).num_layers
+    rule = VARIANTS[name].select if name in VARIANTS else None
     if name == "inheritune":
-        return surgery.first_layers(ref, d), {"layers_from": list(range(d))}
+        rule = select
+    if rule is not None:
+        needed = selection.parse_select(rule)[0] in selection.SCORE_OF
+        keep = selection.kept_layers(rule, L, d, scores() if needed else None)
+        drop = [i for i in range(L) if i not in set(keep)]
+        info: dict[str, Any] = {"layers_from": keep, "select": rule}
+        if drop and name != "inheritune":
+            info["dropped"] = drop
+        return surgery.select_layers(ref, keep), info
     if name in ("random", "random-2x", "kd-random"):
         # One seed for all three: they start from the very same weights.
         return surgery.random_init(ref.config, d, seed=seed), {"layers_from": None}
@@ -193,34 +190,4 @@ def build_initial(
     if name == "lazy-init":
         idx = list(range(L - d, L))
         return surgery.select_layers(ref, idx), {"layers_from": idx}
-    if name == "prune-keep-last":
-        drop = scoring.keep_last_drop(L, L - d)
-        keep = [i for i in range(L) if i not in set(drop)]
-        return surgery.drop_layers(ref, drop), {"layers_from": keep, "dropped": drop}
-    if name in ("prune-bi", "prune-angular", "prune-lazy"):
-        scores = scores()
-        k = L - d
-        if name == "prune-bi":
-            drop = scoring.lowest_bi_drop(scores["block_influence"], k)
-        elif name == "prune-angular":
-            drop = scoring.best_block_drop(scores["angular_distance"], k)
-        else:  # collapse is a property of depth: among equal MaxRanks drop the deeper layer
-            drop = scoring.lowest_score_drop(scores["max_rank"], k, prefer_deep=True)
-        keep = [i for i in range(L) if i not in set(drop)]
-        return surgery.drop_layers(ref, drop), {"layers_from": keep, "dropped": drop}
     raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")  # unreachable
-
-
-def layer_ranges(idx: list[int]) -> str:
-    """Layer lists for the table: [0,1,2,5] -> '0-2,5'; [0,2,4,6] -> '0,2,...,6'."""
-    if len(idx) > 3 and all(b - a == 2 for a, b in itertools.pairwise(idx)):
-        return f"{idx[0]},{idx[1]},...,{idx[-1]}"
-    parts: list[str] = []
-    start = prev = idx[0] if idx else None
-    for i in [*idx[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        start = prev = i
-    return ",".join(parts) if idx else "-"

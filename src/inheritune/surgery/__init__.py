@@ -6,6 +6,7 @@ Commands are reached as ``inheritune.surgery.<module>.<command>``; the library A
 re-exported here.
 """
 
+from inheritune.analysis.selection import check_indices, parse_layers
 from inheritune.surgery.bridge import (
     BRIDGE_INITS,
     BRIDGES,
@@ -23,13 +24,11 @@ from inheritune.surgery.build import (
     FRESH_PARTS,
     PARTS,
     check_depth,
-    check_indices,
     drop_layers,
     first_layers,
     fresh_parts,
     half_width,
     parse_fresh,
-    parse_layers,
     random_init,
     resize_config,
     select_layers,
@@ -39,7 +38,6 @@ from inheritune.surgery.calibrate import (
 )
 from inheritune.surgery.inherit import (
     InheritConfig,
-    resolve_indices,
 )
 from inheritune.surgery.mergekit import (
     check_path,
@@ -82,7 +80,6 @@ __all__ = [
     "parse_layers",
     "random_init",
     "resize_config",
-    "resolve_indices",
     "select_layers",
     "slices_from_layers",
     "source_name",

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from inheritune.analysis.selection import check_indices
 from inheritune.config import ConfigError
 from inheritune.models.arch import UnsupportedModelError, get_arch
 
@@ -64,44 +65,6 @@ _HALF_WIDTH = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt")
 
 
 # --------------------------------------------------------------------------- selections
-
-
-def parse_layers(spec: str, num_layers: int, allow_repeats: bool = False) -> list[int]:
-    """Indices from ``"0-13"``, ``"0,1,2,5"`` or ``"0-3,8"`` (inclusive ranges), validated."""
-    text = (spec or "").replace(" ", "")
-    if not text:
-        raise ConfigError("--layers is empty; give indices like 0-13 or 0,1,2,5")
-    indices: list[int] = []
-    for item in text.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
-        if m is None:
-            raise ConfigError(
-                f"--layers: cannot parse {item!r} in {spec!r}; use e.g. 0-13 or 0,1,5"
-            )
-        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
-        if hi < lo:
-            raise ConfigError(f"--layers: range {item!r} runs backwards")
-        indices.extend(range(lo, hi + 1))
-    return check_indices(indices, num_layers, allow_repeats)
-
-
-def check_indices(
-    indices: Sequence[int], num_layers: int, allow_repeats: bool = False, what: str = "--layers"
-) -> list[int]:
-    """Validated list of layer indices of a model with ``num_layers`` blocks."""
-    out = [int(i) for i in indices]
-    if not out:
-        raise ConfigError(f"{what}: no layers selected")
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad:
-        raise ConfigError(
-            f"{what}: layer index {bad[0]} is out of range; the reference has {num_layers} "
-            f"layers (valid indices 0-{num_layers - 1})"
-        )
-    dups = sorted({i for i in out if out.count(i) > 1})
-    if dups and not allow_repeats:
-        raise ConfigError(f"{what}: duplicate layer indices {dups} (stacking needs allow_repeats)")
-    return out
 
 
 def check_depth(k: int, num_layers: int) -> None:

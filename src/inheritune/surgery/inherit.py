@@ -1,7 +1,9 @@
-"""``inheritune inherit``: build a target from the reference's first layers and save it.
+"""``inheritune inherit``: build a target from chosen reference layers and save it.
 
 The command behind Inheritune's first step (paper Alg. 1, step 1) as a standalone tool: it
-checks the layer selection against the reference's config before any weights load, builds the
+checks the layer selection (``--select``, :mod:`inheritune.analysis.selection`: the first K
+layers, a scored rule, or a list) against the reference's config before any weights load,
+measures the selection's layer scores if it needs them (training split, cached), builds the
 target with :mod:`inheritune.surgery` (``--parts``, ``--fresh``), optionally appends a fitted
 bridge block (``--bridge block``, :mod:`inheritune.surgery.bridge`), and writes a Hugging Face folder
 that ``AutoModelForCausalLM.from_pretrained`` loads as is, with ``inheritune.yaml`` (the
@@ -11,15 +13,18 @@ resolved config) and ``provenance.json`` (which layers came from where) beside i
 Usage::
 
     inheritune inherit --num-layers 15 --out runs/smol15
+    inheritune inherit --num-layers 20 --select bi --out runs/smol20-bi
     inherit(build(InheritConfig, num_layers=15, bridge="block", out="runs/smol15b"))
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from inheritune.analysis.layer_scores import choose_layers
+from inheritune.analysis.selection import SelectConfig, kept_layers, parse_select
 from inheritune.config import ConfigError, nested, save_resolved, validate_numbers
 from inheritune.models.arch import get_arch
 from inheritune.surgery import bridge as _bridge
@@ -30,25 +35,28 @@ from inheritune.surgery.build import (
     check_depth,
     fresh_parts,
     parse_fresh,
-    parse_layers,
     select_layers,
 )
 
 
 @dataclass
 class InheritConfig:
-    """``inheritune inherit``: build a target from the reference's first layers and save it."""
+    """``inheritune inherit``: build a target from chosen reference layers and save it."""
 
     model: str = field(
         default="smollm2-135m",
         metadata={"help": "reference: default name, HF folder, .gguf file or hub id"},
     )
     num_layers: int | None = field(
-        default=None, metadata={"help": "keep the first K layers (or give --layers)"}
+        default=None,
+        metadata={"help": "keep K layers, chosen by --select (or list them in --select)"},
     )
     layers: str | None = field(
-        default=None, metadata={"help": "explicit layer indices, e.g. 0-13 or 0,1,2,5 or 0-3,8"}
+        default=None,
+        metadata={"help": "explicit layer indices, e.g. 0-13 or 0,1,2,5 (same as --select)"},
     )
+    # --select first|bi|angular|lazy|keep-last|LIST and the windows its scores are measured on
+    selection: SelectConfig = nested(SelectConfig)  # noqa: RUF009 (nested() returns a field)
     out: str = field(default="runs/inherit", metadata={"help": "output folder (HF format)"})
     parts: str = field(
         default="block",
@@ -76,8 +84,9 @@ class InheritConfig:
     data: str = field(
         default="shakespeare",
         metadata={
-            "help": "corpus for --bridge block: calibration windows from its training split, "
-            "validation loss before/after (provenance.json) on its validation split"
+            "help": "corpus for --bridge block and scored --select rules: calibration windows "
+            "from its training split, validation loss before/after (provenance.json) on its "
+            "validation split"
         },
     )
     eval_tokens: int = field(
@@ -92,8 +101,18 @@ class InheritConfig:
         validate_numbers(self)  # finite, in range, of the declared type (config.py)
         if self.export_mergekit and self.parts != "block":  # mergekit copies whole layers
             raise ConfigError(f"--export-mergekit needs --parts block, got {self.parts!r}")
-        if (self.num_layers is None) == (self.layers is None):
-            raise ConfigError("give exactly one of --num-layers K or --layers SPEC")
+        if self.layers is not None:
+            if self.selection.select != "first":
+                raise ConfigError("give the layers once: --layers SPEC or --select SPEC")
+            self.selection.select = self.layers
+            self.layers = None
+            parse_select(self.selection.select)
+        listed = self.selection.rule == "list"
+        if listed == (self.num_layers is not None):
+            raise ConfigError(
+                "give exactly one of --num-layers K (the rule --select picks them by) or a "
+                "layer list (--select 0-5,9 or --layers 0-5,9)"
+            )
         if self.num_layers is not None and self.num_layers < 1:
             raise ConfigError(f"--num-layers must be >= 1, got {self.num_layers}")
         if self.parts not in PARTS:
@@ -103,7 +122,7 @@ class InheritConfig:
         if self.export_mergekit and (self.fresh or bridging):
             raise ConfigError("--export-mergekit copies reference layers only: no --fresh/--bridge")
         if bridging:
-            if self.num_layers is None:
+            if self.num_layers is None or self.selection.rule != "first":
                 raise ConfigError("--bridge block needs --num-layers K (the first K layers)")
             if self.parts != "block" or self.fresh:
                 raise ConfigError(
@@ -112,12 +131,12 @@ class InheritConfig:
                 )
 
 
-def resolve_indices(cfg: InheritConfig, num_layers: int) -> list[int]:
-    """The kept indices of ``cfg`` for a reference of ``num_layers`` blocks."""
-    if cfg.layers is not None:
-        return parse_layers(cfg.layers, num_layers)
-    check_depth(int(cfg.num_layers), num_layers)
-    return list(range(int(cfg.num_layers)))
+def check_selection(cfg: InheritConfig, num_layers: int) -> None:
+    """Fail on a selection the reference cannot give before any weights load."""
+    if cfg.selection.rule == "list":
+        kept_layers(cfg.selection.select, num_layers, None)
+    else:
+        check_depth(int(cfg.num_layers), num_layers)
 
 
 def inherit(cfg: InheritConfig) -> Path:
@@ -137,22 +156,29 @@ def inherit(cfg: InheritConfig) -> Path:
 
     # Check the selection against the reference's config before loading any weights.
     ref_config = load_config(cfg.model, cfg.trust_remote_code)
-    indices = resolve_indices(cfg, int(ref_config.num_hidden_layers))
+    L = int(ref_config.num_hidden_layers)
+    check_selection(cfg, L)
     if cfg.export_mergekit:
         mk_source = source_name(cfg.model)  # a .gguf is refused here, before the work
         check_path(cfg.export_mergekit)
-    # Tokens only for the bridge's calibration; a tokenizer only where the reference has one.
+    # Tokens only for the bridge's calibration and the layer scores; a tokenizer only where the
+    # reference has one.
     bridging = cfg.bridging.bridge != "none"
+    scored = cfg.selection.needs_scores
+    seq_lens = {}
+    if bridging:
+        seq_lens = {"calib_seq_len": cfg.bridging.calib_seq_len, "eval_seq_len": cfg.eval_seq_len}
+    if scored:
+        seq_lens["score_seq_len"] = cfg.selection.score_seq_len
     loaded = inputs.load(
         cfg.model,
-        cfg.data if bridging else None,
-        tokenizer=bridging or has_tokenizer(cfg.model),
-        seq_lens={"calib_seq_len": cfg.bridging.calib_seq_len, "eval_seq_len": cfg.eval_seq_len}
-        if bridging
-        else None,
+        cfg.data if bridging or scored else None,
+        tokenizer=bridging or scored or has_tokenizer(cfg.model),
+        seq_lens=seq_lens or None,
         trust_remote_code=cfg.trust_remote_code,
     )
     ref = loaded.model
+    indices, scores = choose_layers(ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.seed)
     target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
     if cfg.fresh:
         target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
@@ -178,6 +204,8 @@ def inherit(cfg: InheritConfig) -> Path:
         "reference_class": type(ref).__name__,
         "reference_layers": get_arch(ref).num_layers,
         "kept_layers": indices,
+        "select": cfg.selection.select,
+        "layer_scores": None if scores is None else asdict(scores),
         "layer_numbering": LAYER_NUMBERING,
         "parts": cfg.parts,
         "fresh": cfg.fresh,
