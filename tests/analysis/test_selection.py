@@ -154,3 +154,29 @@ def test_scores_match_scoring_and_are_cached(tmp_path, monkeypatch):
     assert only.block_influence is None and only.angular is None
     with pytest.raises(ConfigError, match="not measured"):
         only.require("block_influence")
+
+
+def test_depth_counts_the_bridges():
+    s, L = _scores(), 6
+    # first: one top bridge, so --num-layers 4 keeps 3
+    assert sel.kept_for_depth("first", L, 4) == ([0, 1, 2], [(3, 6)])
+    assert sel.kept_for_depth("keep-last", L, 4) == ([0, 1, 5], [(2, 5)])
+    # bi at 4: 1 bridge would keep 3 = [0, 2, 5] with 2 spans; 2 bridges keep 2 = [0, 5] with
+    # 1 span: the count jumped past 2, so 3 kept layers bridge their longest span (1 bridge)
+    assert sel.kept_layers("bi", L, 3, s) == [0, 2, 5]
+    assert sel.kept_layers("bi", L, 2, s) == [0, 5]
+    kept, bridged = sel.kept_for_depth("bi", L, 4, s)
+    assert kept == [0, 2, 5] and bridged == [(3, 5)] and len(kept) + len(bridged) == 4
+    # an exact fit: 1 bridge would keep [0, 2, 4, 5] with 2 spans; 2 bridges keep [0, 2, 5]
+    # with 2 spans
+    assert sel.kept_for_depth("bi", L, 5, s) == ([0, 2, 5], [(1, 2), (3, 5)])
+    # --bridge-spans caps the bridges
+    assert sel.kept_for_depth("bi", L, 5, s, max_spans=1) == ([0, 2, 4, 5], [(3, 4)])
+    # a list bridges its own spans; --num-layers, if given, must agree
+    assert sel.kept_for_depth("0,3", L, None) == ([0, 3], [(1, 3), (4, 6)])
+    with pytest.raises(ConfigError, match="make 4 layers, not --num-layers 3"):
+        sel.kept_for_depth("0,3", L, 3)
+    # nothing removed: nothing to bridge
+    assert sel.kept_for_depth("first", L, L) == (list(range(L)), [])
+    assert sel.bridged_spans([1, 4], L, 1) == [(2, 4)]  # the longest
+    assert sel.bridged_spans([0, 3], L, 1) == [(4, 6)]  # ties: the deeper

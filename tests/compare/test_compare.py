@@ -414,7 +414,7 @@ def test_bridge_block_inheritune_variant(tiny_folder, corpus_file, tmp_path):
     row = compare(cfg).rows[0]
     assert row["layers"] == 3 and row["init"]["layers_from"] == [0, 1]
     assert row["bridge"]["kept_layers"] == 2
-    assert "+ bridge block" in (tmp_path / "b" / "compare.md").read_text()
+    assert "+ 1 bridge block" in (tmp_path / "b" / "compare.md").read_text()
     final = models.load_model(str(tmp_path / "b" / "inheritune" / "train" / "final"))
     assert final.config.num_hidden_layers == 3
 

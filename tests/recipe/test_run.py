@@ -173,6 +173,26 @@ def test_warm_grow_keeps_trained_layers_and_appends_reference_ones():
         recipe.warm_grow(trained, ref, 2, "block")
 
 
+def test_warm_grow_puts_reference_layers_back_in_their_places():
+    """A selection's trained layers 0, 3, 5 grow by layers 1 and 4: each block lands at the
+    position of its reference index."""
+    from conftest import tiny_model
+
+    ref = tiny_model("llama", layers=6)
+    trained = surgery.select_layers(ref, [0, 3, 5])
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    grown = recipe.warm_grow(trained, ref, [0, 1, 3, 4, 5], "block", prev_kept=[0, 3, 5])
+    g, t, r = grown.state_dict(), trained.state_dict(), ref.state_dict()
+    for pos, (src, idx) in enumerate([(t, 0), (r, 1), (t, 1), (r, 4), (t, 2)]):
+        for name in [k for k in g if k.startswith(f"model.layers.{pos}.")]:
+            assert torch.equal(g[name], src[name.replace(f"layers.{pos}.", f"layers.{idx}.")])
+    assert torch.equal(g["model.norm.weight"], t["model.norm.weight"])
+    with pytest.raises(ValueError, match="cannot grow"):
+        recipe.warm_grow(trained, ref, [0, 1, 2], "block", prev_kept=[0, 3, 5])
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -481,28 +501,69 @@ def test_bridge_block_rounds(tiny_run):
     final = models.load_model(str(res.final_model))
     assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_hidden_layers == 5
     md = res.report_md.read_text()
-    assert "## The bridge block" in md and "## Time per phase" in md
+    assert "## The bridge blocks" in md and "## Time per phase" in md
     assert "round 2: build + bridge fit" in md
     with pytest.raises(ConfigError, match="--growth reinit"):
         tiny_run(bridge="block", growth="warm")
 
 
-def test_extra_eval_reports_a_second_held_out_set(tiny_run, tmp_path, tokenizer):
-    """--extra-eval: the reference and each round (start and end) on a second, wholly held-out
-    corpus; the numbers equal an independent evaluation."""
-    other = tmp_path / "other.txt"
-    other.write_text("A quite different text about ships, storms and the sea.\n" * 60)
-    res = recipe.run(tiny_run(extra_eval=str(other), min_rounds=1, max_rounds=1))
-    rep = res.report
-    tokens = data.load_tokens(str(other), tokenizer, val_fraction=1.0)
-    cfg = tiny_run()
-    windows = data.eval_windows(tokens, cfg.train.seq_len, cfg.train.eval_tokens)
+def test_scored_selection_grows_by_importance_with_a_bridge_at_every_seam(tiny_run, tokenizer):
+    """--select bi: round 1 keeps the 2 layers of highest Block Influence (training-split
+    windows), round 2 adds back the 2 dropped layers of highest BI; every removed span gets a
+    fitted bridge block, and a changed --select does not resume the run."""
+    from inheritune.analysis import selection
+    from inheritune.analysis.layer_scores import layer_scores, score_windows
+
+    knobs = {"select": "bi", "score_windows": 3, "score_seq_len": 16, "extra_eval": None}
+    knobs |= {"bridge": "block", "bridge_steps": 3, "calib_tokens": 128, "calib_seq_len": 16}
+    cfg = tiny_run(**knobs)
+    res = recipe.run(cfg)
     ref = models.load_model(cfg.train.model)
-    want = losses.evaluate_loss(ref, windows, cfg.train.micro_batch())
-    assert rep["reference"]["extra_val_loss"] == pytest.approx(want, abs=1e-5)
+    tokens = data.load_tokens(cfg.train.data, tokenizer)
+    windows = score_windows(tokens.train, cfg.selection, cfg.train.seed)
+    scores = layer_scores(ref, windows, ["block_influence"], cache=False)
+    first = selection.kept_layers("bi", 6, 2, scores)
+    second = selection.grow(first, 2, selection.importance("bi", 6, scores))
+    rounds = res.report["rounds"]
+    assert [r["kept"] for r in rounds] == [first, second] and first != [0, 1]
+    for r in rounds:
+        spans = selection.spans(r["kept"], 6)
+        assert [tuple(b["span"]) for b in r["bridge"]["bridges"]] == spans
+        assert r["layers"] == len(r["kept"]) + len(spans)
+    final = models.load_model(str(res.final_model))
+    assert final.config.num_hidden_layers == rounds[-1]["layers"]
+    md = res.report_md.read_text()
+    assert "## Layers kept" in md and "`--select bi`" in md and "in place of layers" in md
+    with pytest.raises(ConfigError, match="different settings"):
+        recipe.run(tiny_run(**{**knobs, "select": "lazy"}))
+
+
+def test_warm_growth_of_a_selection(tiny_run):
+    """keep-last keeps 0 and 5; warm growth puts layers 1 and 2 back between them."""
+    res = recipe.run(tiny_run(select="keep-last", growth="warm", extra_eval=None))
+    assert [r["kept"] for r in res.report["rounds"]] == [[0, 5], [0, 1, 2, 5]]
+
+
+def test_extra_eval_reports_more_held_out_sets(tiny_run, tmp_path, tokenizer):
+    """--extra-eval a,b: the reference and each round (start and end) on two wholly held-out
+    corpora; the numbers equal an independent evaluation, each with the reference's beside it."""
+    other, more = tmp_path / "other.txt", tmp_path / "more.txt"
+    other.write_text("A quite different text about ships, storms and the sea.\n" * 60)
+    more.write_text("Numbers and ledgers: the accounts of a small trading house.\n" * 60)
+    res = recipe.run(tiny_run(extra_eval=f"{other},{more}", min_rounds=1, max_rounds=1))
+    rep = res.report
+    cfg = tiny_run()
+    ref = models.load_model(cfg.train.model)
     end = models.load_model(str(res.out / rep["rounds"][0]["model_dir"]))
-    got = rep["rounds"][0]["extra_val_loss"]["end"]
-    assert got == pytest.approx(
-        losses.evaluate_loss(end, windows, cfg.train.micro_batch()), abs=1e-5
-    )
-    assert "other.txt (held out)" in res.report_md.read_text()
+    md = res.report_md.read_text()
+    for path in (other, more):
+        tokens = data.load_tokens(str(path), tokenizer, val_fraction=1.0)
+        windows = data.eval_windows(tokens, cfg.train.seq_len, cfg.train.eval_tokens)
+        want = losses.evaluate_loss(ref, windows, cfg.train.micro_batch())
+        assert rep["reference"]["extra_val_loss"][str(path)] == pytest.approx(want, abs=1e-5)
+        got = rep["rounds"][0]["extra_val_loss"][str(path)]["end"]
+        assert got == pytest.approx(
+            losses.evaluate_loss(end, windows, cfg.train.micro_batch()), abs=1e-5
+        )
+        assert f"{path.name} (held out)" in md or f"{path} (held out)" in md
+        assert f"{want:.4f}" in md  # the reference's loss beside the rounds'

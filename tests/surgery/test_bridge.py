@@ -139,6 +139,76 @@ def test_bridged_model_is_a_standard_checkpoint(arch, tmp_path):
     assert not all(torch.equal(bridge_now[k], start[k]) for k in start)
 
 
+def test_collect_streams_at_any_depth():
+    ref = reference("llama")
+    ids = windows(3, 10)
+    streams = activations.collect_streams(ref, ids, [0, 1, 3], batch_size=2)
+    assert sorted(streams) == [0, 1, 3]
+    for d in (1, 3):  # the input of block d is what the first d blocks leave
+        torch.testing.assert_close(streams[d], final_norm_input(surgery.first_layers(ref, d), ids))
+    emb = get_arch(ref).embed(ids)
+    torch.testing.assert_close(streams[0], emb)
+    with pytest.raises(ConfigError, match=r"depths must lie in \[0, 4\]"):
+        activations.collect_streams(ref, ids, [5])
+
+
+@pytest.mark.parametrize(
+    ("kept", "spans", "layout"),
+    [
+        ([0, 3], [(1, 3)], [0, 2, 3]),  # one inner seam: the bridge starts as block 2
+        ([1, 2], [(0, 1), (3, 4)], [0, 1, 2, 3]),  # a seam below the first kept layer and on top
+    ],
+)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # RMSNorm + Linear; LayerNorm + Conv1D
+def test_a_bridge_at_every_seam(arch, kept, spans, layout, tmp_path):
+    """Each removed span gets one fitted block in its place, fitted on the reference's own
+    streams; the result is a plain checkpoint that generates with a KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    ref = reference(arch)
+    model, stats = bridge.build_bridged(ref, kept, windows(), bridge.BridgeConfig(**CFG))
+    assert [tuple(b["span"]) for b in stats["bridges"]] == spans
+    assert [b["init_from"] for b in stats["bridges"]] == [b - 1 for _, b in spans]
+    assert stats["layers"] == len(layout) == len(kept) + len(spans)
+    positions = [b["position"] for b in stats["bridges"]]
+    for j, src in enumerate(layout):
+        new, old = get_arch(model).layers[j].state_dict(), get_arch(ref).layers[src].state_dict()
+        same = all(torch.equal(new[k], old[k]) for k in old)
+        fitted = j in positions and not stats["bridges"][positions.index(j)]["kept_start"]
+        assert same == (not fitted), (j, src)  # kept blocks as they were, bridges fitted
+    for (a, b_end), b in zip(spans, stats["bridges"], strict=True):
+        if b_end - a > 1:  # a real gap: the fit closes part of it
+            assert b["fit_loss_after"] < b["fit_loss_before"], b
+        else:  # a one-layer span's bridge starts as that layer: exact, and kept as it is
+            assert b["fit_loss_before"] == pytest.approx(0.0, abs=1e-6) and b["kept_start"]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(ref) and loaded.config.num_hidden_layers == len(layout)
+    if arch == "llama":  # every attention knows its new place (the KV cache is indexed by it)
+        assert [blk.self_attn.layer_idx for blk in get_arch(loaded).layers] == list(
+            range(len(layout))
+        )
+    prompt = windows(1, 6, seed=9)
+    cached = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    plain = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_bridge_spans_limits_the_bridges():
+    ref = reference("llama")
+    cfg = bridge.BridgeConfig(**{**CFG, "bridge_spans": 1, "norm_iters": 0, "bridge_steps": 2})
+    model, stats = bridge.build_bridged(ref, [1, 2], windows(), cfg)
+    # both spans are one layer long: the deeper is bridged, the other left as a plain cut
+    assert [b["span"] for b in stats["bridges"]] == [[3, 4]]
+    assert stats["unbridged_spans"] == [[0, 1]] and get_arch(model).num_layers == 3
+    with pytest.raises(ConfigError, match="no removed span"):
+        bridge.build_bridged(ref, [0, 1, 2, 3], windows(), cfg)
+    with pytest.raises(ConfigError, match="repeat needs a kept layer below"):
+        bridge.build_bridged(
+            ref, [1, 2], windows(), bridge.BridgeConfig(**{**CFG, "bridge_init": "repeat"})
+        )
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fit_lowers_the_fit_loss_on_held_out_windows(arch):
     """The held-out windows (the last eighth) are never stepped on; the fit keeps whatever it
@@ -170,8 +240,7 @@ def test_inherit_config_validates_the_bridge_fields():
         InheritConfig(num_layers=2, bridging=bridge.BridgeConfig(bridge="block", bridge_steps=-1))
     with pytest.raises(ConfigError, match="--bridge-steps"):  # the flat flags reach it too
         build(InheritConfig, num_layers=2, bridge="block", bridge_steps=-1)
-    with pytest.raises(ConfigError, match="needs --num-layers"):
-        InheritConfig(layers="0,2", bridging=block)
+    InheritConfig(layers="0,2", bridging=block)  # a list bridges its own seams
     with pytest.raises(ConfigError, match="no --fresh"):
         InheritConfig(num_layers=2, bridging=block, fresh=["final_norm"])
     cfg = InheritConfig(
@@ -185,7 +254,8 @@ def test_inherit_cli_with_a_bridge(tiny_folder, corpus_file, tmp_path, capsys):
 
     ref_dir = tiny_folder("llama", layers=L)
     out = tmp_path / "bridged"
-    args = ["inherit", "--model", str(ref_dir), "--num-layers", str(K), "--out", str(out)]
+    # --num-layers counts the bridge: K inherited layers + 1 bridge block
+    args = ["inherit", "--model", str(ref_dir), "--num-layers", str(K + 1), "--out", str(out)]
     args += ["--bridge", "block", "--data", str(corpus_file), "--calib-tokens", "256"]
     args += ["--calib-seq-len", "16", "--bridge-steps", "10", "--norm-iters", "2"]
     args += ["--eval-tokens", "64", "--eval-seq-len", "16"]
@@ -195,6 +265,7 @@ def test_inherit_cli_with_a_bridge(tiny_folder, corpus_file, tmp_path, capsys):
     prov = json.loads((out / "provenance.json").read_text())
     b = prov["bridge"]
     assert b["calib_tokens"] == 256 and b["steps"] == 10 and b["layers"] == K + 1
+    assert prov["kept_layers"] == list(range(K)) and b["bridges"][0]["span"] == [K, L]
     assert {"fit_loss_before", "fit_loss_after", "linear_map_r2"} <= set(b)
     assert set(b["validation"]) >= {"reference", "inherited", "bridged", "tokens"}
     assert b["validation"]["tokens"] == 64

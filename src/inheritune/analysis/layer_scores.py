@@ -14,13 +14,20 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
 
 from inheritune import storage
 from inheritune.analysis import scoring
-from inheritune.analysis.selection import SCORE_OF, LayerScores, SelectConfig, kept_layers
+from inheritune.analysis.selection import (
+    SCORE_OF,
+    LayerScores,
+    SelectConfig,
+    kept_for_depth,
+    kept_layers,
+)
 from inheritune.config import ConfigError
 from inheritune.models.arch import get_arch
 
@@ -28,7 +35,7 @@ SCORES_VERSION = 1  # bump when a score's definition changes: older cache entrie
 
 
 def _states_scores(model: nn.Module, windows: np.ndarray, angular_tokens: str) -> dict:
-    states = scoring.block_states(model, windows)
+    states = scoring.block_states(model, windows, desc="layer scores: BI, angular")
     L = len(states) - 1
     return {
         "block_influence": scoring.block_influence_from_states(states).tolist(),
@@ -42,7 +49,7 @@ def _states_scores(model: nn.Module, windows: np.ndarray, angular_tokens: str) -
 def _max_rank(model: nn.Module, windows: np.ndarray) -> dict:
     from inheritune.analysis import analyze
 
-    result = analyze.run_analysis(model, windows, analyze.AnalyzeConfig(), progress=False)
+    result = analyze.run_analysis(model, windows, analyze.AnalyzeConfig(), progress=True)
     return {"max_rank": [float(x) for x in result.max_rank]}
 
 
@@ -102,14 +109,41 @@ def score_windows(train: np.ndarray, cfg: SelectConfig, seed: int) -> np.ndarray
     return sample_windows(train, cfg.score_windows, cfg.score_seq_len, seed)
 
 
+@dataclass
+class Choice:
+    """What a selection chose: the kept reference layers, the removed spans that get a bridge
+    block (empty without ``--bridge``) and the scores it chose by (None if it needed none)."""
+
+    kept: list[int]
+    bridged: list[tuple[int, int]] = field(default_factory=list)
+    scores: LayerScores | None = None
+
+    @property
+    def depth(self) -> int:
+        """Layers of the model built from it, bridges included."""
+        return len(self.kept) + len(self.bridged)
+
+
 def choose_layers(
-    reference: nn.Module, tokens, cfg: SelectConfig, keep: int | None, seed: int = 0
-) -> tuple[list[int], LayerScores | None]:
-    """The layers ``cfg.select`` keeps of ``reference`` and the scores it chose them by (None
-    for a rule that needs none), measured on ``tokens.train`` (:func:`score_windows`)."""
+    reference: nn.Module,
+    tokens,
+    cfg: SelectConfig,
+    depth: int | None,
+    seed: int = 0,
+    bridge_spans: int | None = None,
+) -> Choice:
+    """The layers ``cfg.select`` keeps of ``reference`` for a ``depth``-layer model, with the
+    scores it chose them by, measured on ``tokens.train`` (:func:`score_windows`).
+
+    ``bridge_spans`` None: no bridges, ``depth`` layers are kept. Otherwise ``depth`` counts the
+    bridge blocks too (:func:`~inheritune.analysis.selection.kept_for_depth`; 0 bridges every
+    removed span, N only the N longest)."""
     scores = None
     if cfg.needs_scores:
         windows = score_windows(tokens.train, cfg, seed)
-        need = [SCORE_OF[cfg.rule]]
-        scores = layer_scores(reference, windows, need, cfg.angular_tokens)
-    return kept_layers(cfg.select, get_arch(reference).num_layers, keep, scores), scores
+        scores = layer_scores(reference, windows, [SCORE_OF[cfg.rule]], cfg.angular_tokens)
+    L = get_arch(reference).num_layers
+    if bridge_spans is None:
+        return Choice(kept_layers(cfg.select, L, depth, scores), [], scores)
+    kept, bridged = kept_for_depth(cfg.select, L, depth, scores, bridge_spans)
+    return Choice(kept, bridged, scores)

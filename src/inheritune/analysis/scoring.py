@@ -46,11 +46,15 @@ def _as_ids(input_ids: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def block_states(
-    model: nn.Module, input_ids: np.ndarray | torch.Tensor, batch_size: int = 8
+    model: nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    batch_size: int = 8,
+    desc: str | None = None,
 ) -> list[torch.Tensor]:
     """The L + 1 hidden states around the blocks: input of each block, then the last output.
 
-    Each entry is (N, T, D) float32 on the CPU, where N, T are the shape of ``input_ids``.
+    Each entry is (N, T, D) float32 on the CPU, where N, T are the shape of ``input_ids``;
+    ``desc`` shows a progress bar with its ETA.
     """
     arch = get_arch(model)
     ids = _as_ids(input_ids)
@@ -76,7 +80,12 @@ def block_states(
     was_training = model.training
     model.eval()  # dropout off: the scores must be deterministic
     try:
-        for start in range(0, ids.shape[0], batch_size):
+        starts = range(0, ids.shape[0], batch_size)
+        if desc:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+        for start in starts:
             model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:

@@ -11,6 +11,8 @@
                among equal ranks the deeper first
 ``keep-last``  layers ``0..k-2`` and ``L-1`` (Gromov et al.'s heuristic)
 ``0,1,5-11``   exactly these layers (inclusive ranges, ascending, no repeats)
+``auto``       every rule above is built (with its bridges), scored on training-split windows,
+               and the best kept (:mod:`inheritune.surgery.auto`)
 =============  ===========================================================================
 
 Every rule also ranks the layers it dropped (:func:`importance`): growth adds back the dropped
@@ -50,7 +52,16 @@ class SelectConfig:
         default="first",
         metadata={
             "help": "which reference layers to keep: first (the paper's), bi (Block Influence), "
-            "angular (angular distance), lazy (MaxRank), keep-last, or a list like 0-5,9,12"
+            "angular (angular distance), lazy (MaxRank), keep-last, auto (the best of these on "
+            "training-split windows), or a list like 0-5,9,12"
+        },
+    )
+    auto_windows: int = field(
+        default=16,
+        metadata={
+            "help": "--select auto: training-split windows (--score-seq-len tokens) every "
+            "candidate is scored on (drawn apart from the score windows)",
+            "min": 1,
         },
     )
     score_windows: int = field(
@@ -84,7 +95,7 @@ class SelectConfig:
 
     @property
     def needs_scores(self) -> bool:
-        return self.rule in SCORE_OF
+        return self.rule in SCORE_OF or self.rule == "auto"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -130,11 +141,12 @@ def check_indices(
 def parse_select(spec: str) -> tuple[str, list[int] | None]:
     """``(rule, None)`` for a rule's name, ``("list", indices)`` for an explicit list."""
     text = str(spec).strip()
-    if text in RULES:
+    if text in (*RULES, "auto"):
         return text, None
     if not text or not text[0].isdigit():
         raise ConfigError(
-            f"--select must be one of {', '.join(RULES)} or a layer list like 0-5,9, got {spec!r}"
+            f"--select must be one of {', '.join(RULES)}, auto or a layer list like 0-5,9, got "
+            f"{spec!r}"
         )
     indices = parse_layers(text, what="--select")
     dups = sorted({i for i in indices if indices.count(i) > 1})
@@ -200,6 +212,8 @@ def kept_layers(
         if keep is not None and keep != len(idx):
             raise ConfigError(f"--select lists {len(idx)} layers but {keep} are to be kept")
         return idx
+    if rule == "auto":
+        raise ConfigError("--select auto is decided by building every rule's candidate first")
     if keep is None:
         raise ConfigError(f"--select {rule} needs the number of layers to keep")
     _check_keep(keep, L)
@@ -318,6 +332,8 @@ def kept_for_depth(
     ``b - 1`` longest spans and leaves the rest unbridged, so the depth is always ``depth``. An
     explicit list keeps itself and bridges its spans (``depth`` may be None)."""
     rule, listed = parse_select(select)
+    if rule == "auto":
+        raise ConfigError("--select auto is decided by building every rule's candidate first")
     if rule == "list":
         kept = check_indices(listed, num_layers, what="--select")
         gaps = bridged_spans(kept, num_layers, max_spans)

@@ -41,7 +41,7 @@ from torch import nn
 from inheritune import storage
 from inheritune.analysis import plots
 from inheritune.analysis.layer_scores import layer_scores, score_windows
-from inheritune.analysis.selection import SCORE_OF, LayerScores
+from inheritune.analysis.selection import SCORE_OF, LayerScores, kept_for_depth
 from inheritune.compare.config import CompareConfig
 from inheritune.compare.variants import (
     VARIANTS,
@@ -153,7 +153,13 @@ class RunContext:
 
 
 def _train_stage(
-    ctx: RunContext, model: nn.Module, folder: Path, steps: int, v: Variant, desc: str
+    ctx: RunContext,
+    model: nn.Module,
+    folder: Path,
+    steps: int,
+    v: Variant,
+    desc: str,
+    budget: int = 1,
 ):
     """Train one stage into ``folder``; ``<folder>.json`` beside it caches the finished stage.
 
@@ -163,7 +169,7 @@ def _train_stage(
     cached = folder.with_suffix(".json")
     if cached.is_file():
         return json.loads(cached.read_text())
-    tcfg = ctx.cfg.train_config(folder, steps, v.distill)
+    tcfg = ctx.cfg.train_config(folder, steps, v.distill, budget)
     teacher = ctx.reference if v.distill else None
     res = train_model(model, ctx.tokenizer, ctx.tokens, tcfg, teacher=teacher, desc=desc)
     if res.interrupted:
@@ -213,21 +219,30 @@ def run_variant(ctx: RunContext, name: str, spec: dict[str, Any]) -> dict[str, A
         stages = [s1, s2]
         extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
     elif name == "inheritune" and cfg.bridging.bridge == "block":
+        sel = cfg.selection
+        scores = ctx.scores() if sel.needs_scores else None
+        kept, spans = kept_for_depth(
+            sel.select, ctx.num_layers, ctx.depth, scores, cfg.bridging.bridge_spans
+        )
         ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
         model, fit = bridge.build_bridged(
-            ctx.reference, ctx.depth - 1, ids, cfg.bridging, seed=cfg.train.seed
+            ctx.reference, kept, ids, cfg.bridging, seed=cfg.train.seed, bridged=spans
         )
-        info = {"layers_from": list(range(ctx.depth - 1)), "depth": ctx.depth, "bridge": fit}
+        info = {"layers_from": kept, "depth": ctx.depth, "bridge": fit, "select": sel.select}
         extra["bridge"] = fit
         params = models.count_parameters(model)
-        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
+        s = _train_stage(
+            ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget
+        )
         evals, stages = s["evals"], [s]
     else:
         model, info = build_initial(
             ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores, cfg.selection.select
         )
         params = models.count_parameters(model)
-        s = _train_stage(ctx, model, folder / "train", cfg.train.steps * v.budget, v, name)
+        s = _train_stage(
+            ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget
+        )
         evals, stages = s["evals"], [s]
     layers = info.get("depth") or len(
         info.get("stacked") or info["layers_from"] or range(ctx.depth)
@@ -287,7 +302,7 @@ def _reference_loss(ctx: RunContext) -> float:
         return float(cached["val_loss"])
     windows = eval_windows(ctx.tokens, t.seq_len, t.eval_tokens)
     # the batch size and precision train evaluates with, so the sums are taken in the same order
-    loss = evaluate_loss(ctx.reference, windows, t.eval_batch(), t.precision)
+    loss = evaluate_loss(ctx.reference, windows, t.eval_batch(), t.precision, desc="reference loss")
     storage.write_cached(ctx.out / "reference.json", spec, {"val_loss": loss})
     return loss
 
@@ -463,31 +478,44 @@ def render_markdown(summary: dict[str, Any], plot_name: str) -> str:
     ref, cfg, depth = summary["reference"], summary["config"]["train"], summary["depth"]
     rows = summary["variants"]
     inh = next((r["loss_after"] for r in rows if r["variant"] == "inheritune"), None)
+    budget = cfg.get("time_budget") or 0
+    how_long = (
+        f"for a wall-clock budget of {budget:g} s each (2T rows: twice that), at most "
+        f"T = {summary['steps']} steps; the 'steps' column says how many each really ran"
+        if budget
+        else f"for T = {summary['steps']} steps"
+    )
     lines = [
         f"# Baselines at depth {depth}: {Path(cfg['model']).name} on {Path(cfg['data']).name}",
         "",
         f"Every variant has {depth} layers (half-width: all {ref['layers']} at half width; "
         f"scratch-full: all {ref['layers']} from scratch) and is "
-        f"trained with the same settings for T = {summary['steps']} steps on the same data; "
+        f"trained with the same settings {how_long}, on the same data; "
         f"losses are on the same fixed validation windows. Reference ({ref['layers']} layers, "
         f"{ref['parameters']:,} parameters, untrained here): **{ref['val_loss']:.4f}**.",
         "",
-        "| variant | init | layers | params | tokens | loss before | loss after "
+        "| variant | init | layers | params | steps | tokens | loss before | loss after "
         "| vs inheritune | tokens to reference |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    doubled = False
     for r in rows:
         mark = " †" if r["budget"] != "1T" else ""
+        doubled |= bool(mark)
         delta = "" if inh is None else f"{r['loss_after'] - inh:+.4f}"
         lines.append(
             f"| {r['variant']}{mark} | {_init_text(r)} | {r['layers']} | {r['parameters']:,} "
-            f"| {_fmt_tokens(r['tokens'])} | {r['loss_before']:.4f} | {r['loss_after']:.4f} "
-            f"| {delta} | {_fmt_tokens(r['tokens_to_reference'])} |"
+            f"| {r['steps']:,} | {_fmt_tokens(r['tokens'])} | {r['loss_before']:.4f} "
+            f"| {r['loss_after']:.4f} | {delta} | {_fmt_tokens(r['tokens_to_reference'])} |"
+        )
+    lines.append("")
+    if doubled:
+        lines.append(
+            "† trained for 2T steps in all (random-2x: 2T at depth l; stacking: T at l/2 "
+            "layers, then T at l after copying the stack on top of itself), so twice the "
+            "others' tokens."
         )
     lines += [
-        "",
-        "† trained for 2T steps in all (random-2x: 2T at depth l; stacking: T at l/2 layers, "
-        "then T at l after copying the stack on top of itself), so twice the others' tokens.",
         "'loss before' is the step-0 eval (stacking: its l/2-layer start); 'tokens to reference' "
         "is the first eval at or below the reference's loss. Layers are numbered from 0 (the "
         "paper's plots number from 1).",
@@ -508,5 +536,6 @@ def _init_text(row: dict[str, Any]) -> str:
     if init.get("width") == "half":
         return "sliced"
     src = init.get("layers_from")
-    bridged = " + bridge block" if "bridge" in init else ""
+    n = len(init["bridge"].get("bridges", [None])) if "bridge" in init else 0
+    bridged = f" + {n} bridge block{'s' if n > 1 else ''}" if n else ""
     return "random" if src is None else f"layers {layer_ranges(src)}{bridged}"

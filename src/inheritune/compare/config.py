@@ -64,8 +64,8 @@ class CompareConfig:
     # training-split windows every scored selection (prune-bi, prune-angular, prune-lazy) uses
     selection: SelectConfig = nested(SelectConfig)  # noqa: RUF009 (nested() returns a field)
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
-    # ^ --bridge block: the inheritune variant becomes the reference's first l-1 layers + one
-    # fitted bridge block (still l layers; inheritune.surgery.bridge).
+    # ^ --bridge block: the inheritune variant gets a fitted bridge block at every seam of its
+    # selection, l layers in all (for first: l-1 layers + one; inheritune.surgery.bridge).
     export_mergekit: str | None = field(
         default=None,
         metadata={
@@ -98,9 +98,12 @@ class CompareConfig:
                 "--bridge block in compare bridges the first l-1 layers: --select first"
             )
 
-    def train_config(self, out: str | Path, steps: int, distill: bool = False) -> TrainConfig:
+    def train_config(
+        self, out: str | Path, steps: int, distill: bool = False, budget: int = 1
+    ) -> TrainConfig:
         """The shared training settings for one variant's run in ``out``; it resumes only when
-        there is something to resume (finished variants are cached)."""
+        there is something to resume (finished variants are cached). ``budget``: the stage's
+        share in units of T, which scales ``--time-budget`` as it scales the steps."""
         resume = bool(ckpt.list_checkpoints(ckpt.checkpoints_root(out))) if out else False
         alpha = self.kd_alpha if distill else 0.0
         # one TensorBoard run per variant stage: <dir>/<variant>-<stage>
@@ -116,6 +119,7 @@ class CompareConfig:
             resume=resume,
             distill_alpha=alpha,
             tensorboard=tb or None,
+            time_budget=self.train.time_budget * budget,
         )
 
     def selected(self) -> list[str]:

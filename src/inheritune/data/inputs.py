@@ -66,7 +66,7 @@ def load_tokens(
     source = resolve_data(data_arg)  # a default corpus is prepared by one process too
     if source.kind == "tokens":
         return prepare.load_tokens(source, tokenizer, val_fraction)
-    folder = token_cache_folder(source, tokenizer)
+    folder = token_cache_folder(source, tokenizer, val_docs_every=source.val_docs_every)
     tokens = run_once(
         folder / META_FILE,
         lambda: prepare.load_tokens(source, tokenizer, val_fraction),

@@ -673,7 +673,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     source = resolve_data(cfg.data, cfg.text_field, cfg.lossy_text)
     if source.kind == "tokens":
         raise ConfigError(f"{flag('data')} {cfg.data} is already a token folder")
-    default_out = token_cache_folder(source, tokenizer, cfg.max_tokens, cfg.val_docs_every)
+    every = cfg.val_docs_every or source.val_docs_every  # brown: its own held-out samples
+    default_out = token_cache_folder(source, tokenizer, cfg.max_tokens, every)
     out = Path(cfg.out) if cfg.out else default_out
     result = prepare_tokens(
         source,
@@ -681,7 +682,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         out,
         num_proc=cfg.num_proc or None,
         max_tokens=cfg.max_tokens,
-        val_docs_every=cfg.val_docs_every,
+        val_docs_every=every,
         shard_mb=cfg.shard_mb,
         progress=cfg.progress,
     )
@@ -689,7 +690,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         print(f"{out} is already prepared ({result.num_tokens:,} tokens)", file=sys.stderr)
     else:
         save_resolved(cfg, out / "config.yaml")
-    same = cfg.max_tokens is None and not cfg.val_docs_every and out == default_out
+    same = cfg.max_tokens is None and every == source.val_docs_every and out == default_out
     print(f"use it with --data {out}" + (f" (or --data {cfg.data})" if same else ""))
     return result
 
@@ -712,9 +713,8 @@ def load_tokens(
     source = resolve_data(data, text_field, lossy_text) if isinstance(data, str) else data
     if source.kind == "tokens":
         return open_tokens(source.files[0], tokenizer, val_fraction)
-    folder = token_cache_folder(source, tokenizer)
+    every = source.val_docs_every
+    folder = token_cache_folder(source, tokenizer, val_docs_every=every)
     if not (folder / META_FILE).is_file():
-        pass  # (import now local)
-
-        prepare_tokens(source, tokenizer, folder, num_proc=num_proc)
+        prepare_tokens(source, tokenizer, folder, num_proc=num_proc, val_docs_every=every)
     return open_tokens(folder, tokenizer, val_fraction)

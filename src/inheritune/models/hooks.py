@@ -1,7 +1,8 @@
 """A model's residual stream through hooks: read it at two depths, or run one block on it alone.
 
-:func:`collect_states` runs the reference once per batch and keeps the stream after its first l
-blocks (h_l) and the final norm's input (h_L), stopping the forward there (the head never runs).
+:func:`collect_streams` runs the reference once per batch and keeps the residual stream at the
+depths asked for (the input of block d; the final norm's input for d = L), stopping the forward
+after the deepest (the head never runs); :func:`collect_states` is its two-depth case (h_l, h_L).
 :class:`BlockRunner` calls one block on given hidden states exactly as the model's own forward
 calls it. :mod:`inheritune.surgery.bridge` fits its bridge block with both.
 
@@ -14,7 +15,7 @@ of running the teacher's bottom.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,38 +35,45 @@ def _tensor(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_states(
-    reference: nn.Module, windows: torch.Tensor | np.ndarray, depth: int, batch_size: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h_l, h_L), each (n, T, D) float32 on the CPU: the residual stream after the reference's
-    first ``depth`` blocks and after all of them (the final norm's input), on token ``windows``
-    (n, T). One forward per batch, blocks only (the head never runs)."""
+def collect_streams(
+    reference: nn.Module,
+    windows: torch.Tensor | np.ndarray,
+    depths: Sequence[int],
+    batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
+    """The residual stream after the first ``d`` blocks for each ``d`` in ``depths`` (the input
+    of block ``d``; ``d = L`` is the final norm's input), each (n, T, D) float32 on the CPU, on
+    token ``windows`` (n, T). One forward per batch, stopped after the deepest one needed (the
+    head never runs)."""
     arch = get_arch(reference)
-    if arch.final_norm is None:
+    L = arch.num_layers
+    wanted = sorted(set(int(d) for d in depths))
+    if not wanted or wanted[0] < 0 or wanted[-1] > L:
+        raise ConfigError(f"stream depths must lie in [0, {L}], got {list(depths)}")
+    if L in wanted and arch.final_norm is None:
         raise UnsupportedModelError(
             f"{type(reference).__name__} has no final norm; a bridge needs one"
         )
-    if not 1 <= depth < arch.num_layers:
-        raise ConfigError(
-            f"a bridge needs 1 <= --num-layers < {arch.num_layers} (the reference's depth), "
-            f"got {depth}"
-        )
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long)
     device = next(reference.parameters()).device
-    low: list[torch.Tensor] = []
-    high: list[torch.Tensor] = []
+    got: dict[int, list[torch.Tensor]] = {d: [] for d in wanted}
+    deepest = wanted[-1]
 
-    def take_low(mod, args, out):
-        low.append(_tensor(out).detach().float().cpu())
+    def take(d: int):
+        def hook(_mod, args, kwargs=None):
+            h = args[0] if args else (kwargs or {})["hidden_states"]
+            got[d].append(h.detach().float().cpu())
+            if d == deepest:
+                raise _Stop  # nothing deeper is needed
 
-    def take_high(mod, args):
-        high.append(args[0].detach().float().cpu())
-        raise _Stop  # the final norm itself is not needed
+        return hook
 
-    hooks = [
-        arch.layers[depth - 1].register_forward_hook(take_low),
-        arch.final_norm.register_forward_pre_hook(take_high),
-    ]
+    hooks = []
+    for d in wanted:
+        if d == L:
+            hooks.append(arch.final_norm.register_forward_pre_hook(take(d)))
+        else:
+            hooks.append(arch.layers[d].register_forward_pre_hook(take(d), with_kwargs=True))
     was_training = reference.training
     reference.eval()
     try:
@@ -76,7 +84,22 @@ def collect_states(
         for h in hooks:
             h.remove()
         reference.train(was_training)
-    return torch.cat(low), torch.cat(high)
+    return {d: torch.cat(chunks) for d, chunks in got.items()}
+
+
+def collect_states(
+    reference: nn.Module, windows: torch.Tensor | np.ndarray, depth: int, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_l, h_L), each (n, T, D) float32 on the CPU: the residual stream after the reference's
+    first ``depth`` blocks and after all of them (the final norm's input), on token ``windows``
+    (n, T): :func:`collect_streams` at those two depths."""
+    L = get_arch(reference).num_layers
+    if not 1 <= depth < L:
+        raise ConfigError(
+            f"a bridge needs 1 <= --num-layers < {L} (the reference's depth), got {depth}"
+        )
+    streams = collect_streams(reference, windows, [depth, L], batch_size)
+    return streams[depth], streams[L]
 
 
 class BlockRunner:

@@ -216,8 +216,10 @@ def _eval_sums(
     device: torch.device,
     autocast: contextlib.AbstractContextManager,
     env: distributed.DistEnv,
+    desc: str | None = None,
 ) -> tuple[float, int]:
-    """(sum of token losses, token count) over this rank's share of ``windows``.
+    """(sum of token losses, token count) over this rank's share of ``windows`` (``desc``: a
+    progress bar with its ETA on stderr).
 
     Every rank runs the same number of batches (FSDP needs all ranks in every forward); ranks
     past the end of their share evaluate a repeated batch with weight 0.
@@ -226,7 +228,12 @@ def _eval_sums(
     mine = windows[env.rank * per_rank : (env.rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size)
     total, count = 0.0, 0
-    for b in range(n_batches):
+    batches = range(n_batches)
+    if desc:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env.is_main)
+    for b in batches:
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         weight = 1
         if len(chunk) == 0:
@@ -247,13 +254,14 @@ def evaluate_windows(
     device: torch.device,
     autocast: contextlib.AbstractContextManager,
     env: distributed.DistEnv,
+    desc: str | None = None,
 ) -> float:
     """Mean nats/token over ``windows`` (all ranks together), dropout off, no gradients."""
     was_training = loss_module.training
     loss_module.eval()
     try:
         with torch.no_grad():
-            total, count = _eval_sums(loss_module, windows, batch_size, device, autocast, env)
+            total, count = _eval_sums(loss_module, windows, batch_size, device, autocast, env, desc)
         sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         distributed.all_reduce_sum(sums, env)
     finally:
@@ -262,18 +270,23 @@ def evaluate_windows(
 
 
 def evaluate_loss(
-    model: nn.Module, windows: np.ndarray, batch_size: int = 8, precision: str = "fp32"
+    model: nn.Module,
+    windows: np.ndarray,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    desc: str | None = None,
 ) -> float:
     """Mean nats/token of ``model`` on ``windows`` (n, T + 1) from :func:`eval_windows`, one
     process, with ``--precision``'s autocast (pass the training run's micro-batch and precision
     to get the numbers its own evaluations report).
 
-    Deterministic (fixed batches, no sampling, dropout off) and without gradients.
+    Deterministic (fixed batches, no sampling, dropout off) and without gradients. ``desc``
+    shows a progress bar with its ETA.
     """
     device = next(model.parameters()).device
     env = distributed.DistEnv(0, 1, 0, device)
     autocast = distributed.autocast(precision, device)
-    return evaluate_windows(CausalLMLoss(model), windows, batch_size, device, autocast, env)
+    return evaluate_windows(CausalLMLoss(model), windows, batch_size, device, autocast, env, desc)
 
 
 # --------------------------------------------------------------------------- cached evaluations
@@ -293,7 +306,11 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def cached_loss(
-    model: nn.Module, windows: np.ndarray, batch_size: int = 8, precision: str = "fp32"
+    model: nn.Module,
+    windows: np.ndarray,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    desc: str | None = None,
 ) -> float:
     """:func:`evaluate_loss`, remembered in ``$INHERITUNE_CACHE/evals`` by the model's weights,
     the windows, the batch and the precision: a reference's numbers (its zero-shot loss, the
@@ -307,6 +324,6 @@ def cached_loss(
     }
 
     def compute() -> dict:
-        return {"loss": evaluate_loss(model, windows, batch_size, precision)}
+        return {"loss": evaluate_loss(model, windows, batch_size, precision, desc)}
 
     return float(storage.memoized(cache_dir() / "evals", spec, compute)["loss"])

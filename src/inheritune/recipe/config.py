@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inheritune.analysis import analyze as analyze_mod
+from inheritune.analysis.selection import SelectConfig
 from inheritune.config import (
     ConfigError,
     check_positive,
@@ -120,7 +121,7 @@ class RecipeConfig:
         default="reinit",
         metadata={
             "help": "reinit: each round restarts from the reference's first l layers (paper); "
-            "warm: keep the trained layers and append the next reference layers",
+            "warm: keep the trained layers and add the next reference layers",
             "choices": GROWTH_MODES,
         },
     )
@@ -131,6 +132,9 @@ class RecipeConfig:
             "choices": surgery.PARTS,
         },
     )
+    # --select: which reference layers a round keeps (first: the paper's first l), and growth
+    # adds back the dropped layers the rule ranks highest (inheritune.analysis.selection)
+    selection: SelectConfig = nested(SelectConfig)  # noqa: RUF009 (nested() returns a field)
     calibrate_iters: int = field(
         default=0,
         metadata=_h(
@@ -142,8 +146,9 @@ class RecipeConfig:
         default=4, metadata=_h("training windows of --seq-len tokens used by the calibration")
     )
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
-    # ^ --bridge block: every round's target gets one extra fitted block on top of its l
-    # inherited ones (a standard l+1-layer checkpoint; inheritune.surgery.bridge). The bridge's own
+    # ^ --bridge block: every round's target gets a fitted block in place of each removed span
+    # of its l inherited ones (for --select first: one on top, a standard l+1-layer checkpoint;
+    # inheritune.surgery.bridge). The bridge's own
     # optional final-norm refit is --norm-iters (off by default: on few windows it overfits,
     # benchmarks/results/bridge.md); --calibrate-iters applies to --bridge none only.
 
@@ -161,9 +166,10 @@ class RecipeConfig:
     extra_eval: str | None = field(
         default=None,
         metadata=_h(
-            "a second corpus, all of it held out (e.g. botchan, general English): the reference "
-            "and every round (at each of the loop's evaluations) are also evaluated on it, so "
-            "that domain adaptation to --data and real recovery can be told apart"
+            "more corpora to evaluate on, comma-separated (e.g. brown,botchan: general "
+            "English): their held-out split (brown: its held-out samples; others: all of it) "
+            "scores the reference and every round at each of the loop's evaluations, so that "
+            "domain adaptation to --data and real recovery can be told apart"
         ),
     )
     tolerance: float = field(
@@ -246,6 +252,11 @@ class RecipeConfig:
             out=str(out),
             trust_remote_code=self.train.trust_remote_code,
         )
+
+    @property
+    def extra_sets(self) -> list[str]:
+        """The ``--extra-eval`` corpora, in order."""
+        return [x.strip() for x in (self.extra_eval or "").split(",") if x.strip()]
 
     def spec(self) -> dict[str, Any]:
         """Every setting a finished round depends on (see RESUMABLE_CHANGES)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,18 +125,38 @@ def next_step(
 # --------------------------------------------------------------------------- model building
 
 
-def warm_grow(trained: torch.nn.Module, reference: torch.nn.Module, depth: int, parts: str):
-    """Warm growth: ``trained`` (its k layers, embeddings, norm, head) + reference layers k..depth-1."""
+def warm_grow(
+    trained: torch.nn.Module,
+    reference: torch.nn.Module,
+    kept: int | Sequence[int],
+    parts: str,
+    prev_kept: Sequence[int] | None = None,
+):
+    """Warm growth: ``trained`` (its blocks, embeddings, norm, head) with the reference blocks it
+    lacks put back in their places. ``trained`` holds reference layers ``prev_kept`` (default:
+    its first k), the grown model ``kept`` (an int: the first that many), a superset of them."""
     k = get_arch(trained).num_layers
-    if not k < depth <= get_arch(reference).num_layers:
-        raise ValueError(f"cannot grow a {k}-layer model to {depth} layers")
-    grown = surgery.first_layers(reference, depth, parts=parts)
-    state = trained.state_dict()
-    missing, unexpected = grown.load_state_dict(state, strict=False)
+    L = get_arch(reference).num_layers
+    new = list(range(kept)) if isinstance(kept, int) else [int(i) for i in kept]
+    old = list(range(k)) if prev_kept is None else [int(i) for i in prev_kept]
+    if len(old) != k or not set(old) < set(new) or not len(new) <= L:
+        raise ValueError(f"cannot grow a {k}-layer model of layers {old} to layers {new}")
+    grown = surgery.select_layers(reference, new, parts=parts)
     prefix = get_arch(grown).layout.layers + "."
-    # Only the appended blocks may be missing from the trained model's state.
+    place = {j: new.index(i) for j, i in enumerate(old)}  # trained block j -> grown position
+    state = {}
+    for name, t in trained.state_dict().items():
+        if name.startswith(prefix):
+            j, rest = name[len(prefix) :].split(".", 1)
+            name = f"{prefix}{place[int(j)]}.{rest}"
+        state[name] = t
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    added = {new.index(i) for i in new if i not in set(old)}
+    # Only the added blocks may be missing from the trained model's state.
     bad = [
-        m for m in missing if not m.startswith(prefix) or int(m[len(prefix) :].split(".")[0]) < k
+        m
+        for m in missing
+        if not m.startswith(prefix) or int(m[len(prefix) :].split(".")[0]) not in added
     ]
     if unexpected or bad:
         raise RuntimeError(

@@ -47,6 +47,7 @@ def build_report(
         "data": train["data"],
         "layer_numbering": LAYER_NUMBERING,
         "growth": cfg["growth"],
+        "select": cfg.get("selection", {}).get("select", "first"),
         "grow_by": cfg["grow_by"],
         "parts": cfg["parts"],
         "steps_per_round": train["steps"],
@@ -232,8 +233,8 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
         for name in evals[0].get("extra", {}) if evals else ():
             label = f"round {r['round']}: {name} (held out)"
             curves[label] = (xs, [e["extra"][name] for e in evals])
-    extra, ref = report["target"].get("extra_eval"), report["reference"].get("extra_val_loss")
-    more = {f"reference on {extra}": ref} if extra and ref is not None else None
+    ref = _extra_refs(report)
+    more = {f"reference on {name}": loss for name, loss in ref.items()} or None
     return plots.plot_curves(
         curves,
         path,
@@ -245,8 +246,23 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     )
 
 
-def _extra(r: dict[str, Any]) -> str:
-    e = r.get("extra_val_loss") or {}
+def _extra_sets(report: dict[str, Any]) -> list[str]:
+    """The ``--extra-eval`` corpora of a report (a single name in reports before lists)."""
+    sets = report["target"].get("extra_eval") or []
+    return [sets] if isinstance(sets, str) else list(sets)
+
+
+def _extra_refs(report: dict[str, Any]) -> dict[str, float]:
+    """The reference's loss on each extra set."""
+    ref = report["reference"].get("extra_val_loss")
+    sets = _extra_sets(report)
+    if isinstance(ref, int | float):  # reports before lists: one set
+        return {sets[0]: ref} if sets else {}
+    return {k: v for k, v in (ref or {}).items() if v is not None}
+
+
+def _extra(r: dict[str, Any], name: str) -> str:
+    e = (r.get("extra_val_loss") or {}).get(name) or {}
     return f"{_fmt(e.get('start'))} -> {_fmt(e.get('end'))}" if e else "-"
 
 
@@ -297,11 +313,41 @@ def _analysis_section(analysis: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _layers_section(report: dict[str, Any]) -> list[str]:
+    """Which reference layers each round kept (``--select``) and what its bridges did."""
+    from inheritune.analysis.selection import layer_ranges
+
+    select = report.get("select", "first")
+    lines = ["## Layers kept", ""] if select != "first" else []
+    for r in report["rounds"] if lines else []:
+        kept = r.get("kept") or list(range(r["depth"]))
+        lines.append(
+            f"- round {r['round']}: reference layers {layer_ranges(kept)} (`--select {select}`)"
+        )
+    lines += [""] if lines else []
+    bridged = [r for r in report["rounds"] if r.get("bridge")]
+    if bridged:
+        lines += ["## The bridge blocks", ""]
+    for r in bridged:
+        b = r["bridge"]
+        spans = ", ".join(f"{br['span'][0]}-{br['span'][1] - 1}" for br in b.get("bridges", []))
+        lines.append(
+            f"- round {r['round']}: {r['depth']} inherited layers alone start at "
+            f"{_fmt(b.get('val_loss_without_bridge'))}; with "
+            f"{len(b.get('bridges', [b]))} fitted bridge block(s)"
+            + (f" in place of layers {spans}" if spans else "")
+            + f" ({r['layers']} layers) at {_start(r)} (fit loss {_fmt(b['fit_loss_before'])} "
+            f"-> {_fmt(b['fit_loss_after'])} on held-out calibration windows, "
+            f"{_fmt(b['wall_seconds'], 0)} s)"
+        )
+    return lines + ([""] if bridged else [])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what was run, the table, the verdict, the speed and the plots."""
     ref, final, tgt = report["reference"], report["final"], report["target"]
-    extra = tgt.get("extra_eval")
-    extra_head = f" {extra} (held out): start -> end |" if extra else ""
+    extra, extra_ref = _extra_sets(report), _extra_refs(report)
+    extra_head = "".join(f" {name} (held out): start -> end |" for name in extra)
     lines = [
         "# Inheritune run",
         "",
@@ -320,10 +366,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| model | layers | parameters | tokens trained | wall time (s) | val loss at start "
         f"| val loss | val ppl | matched |{extra_head}",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * bool(extra),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra),
         f"| reference (zero-shot) | {ref['layers']} | {_millions(ref['parameters'])} | - | - | "
         f"- | {_fmt(ref['val_loss'])} | {_fmt(ref['val_ppl'], 2)} | - |"
-        + (f" {_fmt(ref.get('extra_val_loss'))} |" if extra else ""),
+        + "".join(f" {_fmt(extra_ref.get(name))} |" for name in extra),
     ]
     trained = ref.get("trained")
     if trained:
@@ -338,7 +384,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| round {r['round']} | {r['layers']} | {_millions(r['parameters'])} | "
             f"{r['tokens']:,} | {_fmt(r['wall_s'], 0)} | {_start(r)} | {_fmt(r['val_loss'])} | "
             f"{_fmt(r['val_ppl'], 2)} | {'yes' if r['matched'] else 'no'} |"
-            + (f" {_extra(r)} |" if extra else "")
+            + "".join(f" {_extra(r, name)} |" for name in extra)
         )
     speed = final.get("speed") or {}
     verdict = "matched" if final["matched"] else "did NOT match"
@@ -361,19 +407,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{speed['reference_tokens_per_s']:,.0f} tok/s ({speed['speedup']:.2f}x)"
         )
     lines += [f"- final model (Hugging Face folder): `{final['model_dir']}`", ""]
-    bridged = [r for r in report["rounds"] if r.get("bridge")]
-    if bridged:
-        lines += ["## The bridge block", ""]
-        for r in bridged:
-            b = r["bridge"]
-            lines.append(
-                f"- round {r['round']}: {r['depth']} inherited layers alone start at "
-                f"{_fmt(b.get('val_loss_without_bridge'))}; with the fitted bridge block "
-                f"({r['layers']} layers) at {_start(r)} (fit loss {_fmt(b['fit_loss_before'])} "
-                f"-> {_fmt(b['fit_loss_after'])} on held-out calibration windows, "
-                f"{_fmt(b['wall_seconds'], 0)} s)"
-            )
-        lines.append("")
+    lines += _layers_section(report)
     lines += _phase_times(report)
     lines += _machine_section(report)
     lines += ["## Validation curves", "", f"![validation curves]({report['curves_png']})", ""]

@@ -2,16 +2,19 @@
 
 1. analyse the reference's attention collapse (:mod:`inheritune.analysis.analyze`);
 2. choose the initial depth: L/2 (paper), the analysis-based suggestion, or a number;
-3. inherit the reference's embeddings, first l blocks, final norm and head
-   (:func:`inheritune.surgery.first_layers`);
+3. inherit the reference's embeddings, l blocks chosen by ``--select`` (the paper's: the first
+   l; :mod:`inheritune.analysis.selection`), final norm and head, with ``--bridge block`` a
+   fitted block in place of each removed span (:mod:`inheritune.surgery.bridge`);
 4. train the target for ``steps`` steps (:func:`inheritune.training.train.train_model`);
 5. compare its validation loss with the target loss -- the reference's zero-shot loss, or the
    reference trained with the same budget -- on the same fixed validation windows;
 6. while worse (by more than ``tolerance``): grow by ``grow_by`` layers and train again, up to
-   ``max_depth`` layers or ``max_rounds`` rounds.
+   ``max_depth`` layers or ``max_rounds`` rounds. The layers added are the dropped ones the
+   selection ranks highest (for ``first``: the next ones, the paper's growth).
 
-Growth modes: ``reinit`` (the paper's: each round restarts from the reference's first l layers)
-and ``warm`` (keep the previous round's trained model and append the next reference layers).
+Growth modes: ``reinit`` (the paper's: each round restarts from the reference's chosen layers)
+and ``warm`` (keep the previous round's trained model and put the added reference layers back
+in their places).
 
 Resuming: ``OUT/run_state.json`` (written atomically after every finished step of the recipe)
 lists the analysis, the reference's loss and every finished round. Running the same command
@@ -43,6 +46,16 @@ import torch
 from inheritune import data, distributed
 from inheritune.analysis import analyze as analyze_mod
 from inheritune.analysis import report as analysis_report
+from inheritune.analysis.layer_scores import layer_scores, score_windows
+from inheritune.analysis.selection import (
+    SCORE_OF,
+    LayerScores,
+    bridged_spans,
+    grow,
+    importance,
+    kept_layers,
+    layer_ranges,
+)
 from inheritune.config import ConfigError, save_resolved, to_dict
 from inheritune.data import inputs
 from inheritune.models import loading as models
@@ -131,17 +144,39 @@ class _Job:
     tokenizer: Any
     tokens: data.Tokens
     windows: Any  # the fixed validation windows of every round and the reference
-    extra_windows: Any = None  # --extra-eval's windows (same length and count), if any
+    extra_windows: dict[str, Any] | None = None  # --extra-eval: name -> windows (same shape)
+    _scores: Any = None  # the reference's layer scores for --select, measured on first use
 
-    def evaluate(self, model: torch.nn.Module, windows: Any) -> float:
+    def scores(self) -> LayerScores | None:
+        """The scores ``--select`` keeps and grows by (None for first, keep-last and lists),
+        measured once on training-split windows and cached per machine."""
+        sel = self.cfg.selection
+        if self._scores is None and sel.needs_scores:
+            windows = score_windows(self.tokens.train, sel, self.cfg.train.seed)
+            need = [SCORE_OF[sel.rule]]
+            self._scores = layer_scores(self.reference, windows, need, sel.angular_tokens)
+        return self._scores
+
+    def kept_at(self, prev: list[int] | None, depth: int) -> list[int]:
+        """The reference layers a round of ``depth`` layers keeps: round 1 by the rule, later
+        rounds ``prev`` plus the dropped layers of highest importance (:func:`grow`)."""
+        sel, L = self.cfg.selection.select, self.num_layers
+        if prev is None:
+            return kept_layers(sel, L, depth, self.scores())
+        return grow(prev, depth - len(prev), importance(sel, L, self.scores()))
+
+    def evaluate(self, model: torch.nn.Module, windows: Any, desc: str = "evaluating") -> float:
         """Mean loss on ``windows`` with the rounds' own evaluation batch and precision; the
         models evaluated here are the reference's own (it, its first l layers), so the result
         is cached across runs (:func:`inheritune.models.losses.cached_loss`)."""
         t = self.cfg.train
-        return losses.cached_loss(model, windows, t.eval_batch(), t.precision)
+        desc = desc if self.env.is_main else None
+        return losses.cached_loss(model, windows, t.eval_batch(), t.precision, desc)
 
-    def extra_loss(self, model: torch.nn.Module) -> float | None:
-        return None if self.extra_windows is None else self.evaluate(model, self.extra_windows)
+    def extra_loss(self, model: torch.nn.Module) -> dict[str, float] | None:
+        if not self.extra_windows:
+            return None
+        return {name: self.evaluate(model, w, name) for name, w in self.extra_windows.items()}
 
     @property
     def num_layers(self) -> int:
@@ -206,7 +241,7 @@ def _reference_step(job: _Job) -> tuple[float, str]:
             f"reference validation loss on {len(job.windows)} windows x {cfg.train.seq_len} tokens"
         )
         t0 = time.perf_counter()
-        loss = job.evaluate(job.reference, job.windows)  # the rounds' own windows and batch
+        loss = job.evaluate(job.reference, job.windows, "reference loss")  # the rounds' windows
         state.reference = {
             "layers": job.num_layers,
             "parameters": models.count_parameters(job.reference),
@@ -269,7 +304,12 @@ def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def _build_round_model(job: _Job, depth: int):
+def _kept_of(done: dict[str, Any]) -> list[int]:
+    """The reference layers a finished round kept (rounds recorded before --select: first l)."""
+    return done.get("kept") or list(range(done.get("depth", done["layers"])))
+
+
+def _build_round_model(job: _Job, kept: list[int]):
     """Step 3 (and the growth of step 6): the model a round starts from."""
     cfg, state = job.cfg, job.state
     prev = state.rounds[-1] if state.rounds else None
@@ -277,41 +317,49 @@ def _build_round_model(job: _Job, depth: int):
         trained = models.load_model(
             str(job.out / prev["model_dir"]), trust_remote_code=cfg.train.trust_remote_code
         )
-        return warm_grow(trained, job.reference, depth, cfg.parts)
-    return surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+        return warm_grow(trained, job.reference, kept, cfg.parts, _kept_of(prev))
+    return surgery.select_layers(job.reference, kept, parts=cfg.parts, seed=cfg.train.seed)
 
 
-def _bridged_round_model(job: _Job, depth: int, rdir: Path) -> tuple[Any, dict[str, Any]]:
-    """``--bridge block``: the reference's first ``depth`` blocks + a fitted bridge block.
+def _bridged_round_model(job: _Job, kept: list[int], rdir: Path) -> tuple[Any, dict[str, Any]]:
+    """``--bridge block``: the reference's ``kept`` blocks + a fitted bridge block in place of
+    each removed span (for first l: one on top).
 
     The fit is recorded in ``rdir/bridge.json``; a round resumed from its checkpoints gets the
     architecture only (its weights come from the checkpoint)."""
     cfg, record = job.cfg.bridging, rdir / "bridge.json"
     seed = job.cfg.train.seed
+    spans = bridged_spans(kept, job.num_layers, cfg.bridge_spans)
     if (rdir / "checkpoints").exists() and record.is_file():
-        model = bridge.add_bridge_block(job.reference, depth, cfg.bridge_init, seed=seed)
+        model = bridge.add_bridges(job.reference, kept, spans, cfg.bridge_init, seed=seed)[0]
         return model, json.loads(record.read_text())
     ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
-    model, stats = bridge.build_bridged(job.reference, depth, ids, cfg, seed=seed)
+    model, stats = bridge.build_bridged(job.reference, kept, ids, cfg, seed=seed, bridged=spans)
     if job.env.is_main:
         atomic_write_json(record, stats)
+    where = ", ".join(f"{a}-{b - 1}" for a, b in spans)
     _log(
-        f"bridge block on {depth} layers: fit loss {stats['fit_loss_before']:.4f} -> "
-        f"{stats['fit_loss_after']:.4f} ({stats['wall_seconds']:.0f} s)"
+        f"{len(spans)} bridge block(s) on {len(kept)} layers (in place of layers {where}): fit "
+        f"loss {stats['fit_loss_before']:.4f} -> {stats['fit_loss_after']:.4f} "
+        f"({stats['wall_seconds']:.0f} s)"
     )
     return model, stats
 
 
-def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict[str, Any]:
-    """Steps 3-5 for one depth: build, (calibrate), train, compare; recorded in the run state."""
-    cfg = job.cfg
-    _log(f"round {round_no}: {depth} layers, {cfg.train.steps} steps ({cfg.growth})")
+def _run_round(job: _Job, round_no: int, kept: list[int], target_loss: float) -> dict[str, Any]:
+    """Steps 3-5 for one selection: build, (calibrate), train, compare; recorded in the run
+    state."""
+    cfg, depth = job.cfg, len(kept)
+    _log(
+        f"round {round_no}: {depth} layers (reference layers {layer_ranges(kept)}), "
+        f"{cfg.train.steps} steps ({cfg.growth})"
+    )
     rdir = _round_dir(job.out, round_no, depth)
     bridged, t_build = None, time.perf_counter()
     if cfg.bridging.bridge == "block":
-        model, bridged = _bridged_round_model(job, depth, rdir)
+        model, bridged = _bridged_round_model(job, kept, rdir)
     else:
-        model = _build_round_model(job, depth)
+        model = _build_round_model(job, kept)
     calibration = None
     if cfg.calibrate_iters > 0 and bridged is None and not (rdir / "checkpoints").exists():
         calibration = _calibrate(job, model, round_no)
@@ -319,13 +367,13 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
     build_s = time.perf_counter() - t_build
     if bridged is not None:
         # the bridge's effect: the same l inherited layers without it, on the same windows
-        plain = surgery.first_layers(job.reference, depth, parts=cfg.parts, seed=cfg.train.seed)
+        plain = surgery.select_layers(job.reference, kept, parts=cfg.parts, seed=cfg.train.seed)
         bridged = {**bridged, "val_loss_without_bridge": job.evaluate(plain, job.windows)}
         del plain
     teacher = job.reference if cfg.train.distill_alpha > 0 else None
     layers = get_arch(model).num_layers
     desc = f"round {round_no} ({layers} layers)"
-    extra = {cfg.extra_eval: job.extra_windows} if job.extra_windows is not None else None
+    extra = job.extra_windows or None
     tcfg = cfg.round_train_config(rdir)
     if tcfg.time_budget > 0:  # the round's wall clock: the build is charged too
         elapsed = time.perf_counter() - t_build  # build, bridge fit, the plain model's eval
@@ -333,11 +381,12 @@ def _run_round(job: _Job, round_no: int, depth: int, target_loss: float) -> dict
         tcfg = replace(tcfg, time_budget=max(tcfg.time_budget - charged, 0.25 * tcfg.time_budget))
     result = _train(job, model, tcfg, teacher, desc, extra)
     done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
+    done["kept"] = kept
     done.update(_eval_record(result, job.out))
     done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
     if extra:  # scored by the loop at its first and last evaluation
         first, last = result.evals[0]["extra"], result.evals[-1]["extra"]
-        done["extra_val_loss"] = {"start": first[cfg.extra_eval], "end": last[cfg.extra_eval]}
+        done["extra_val_loss"] = {n: {"start": first[n], "end": last[n]} for n in extra}
     if calibration is not None:
         done["calibration"] = calibration
     if bridged is not None:
@@ -353,16 +402,19 @@ def _rounds(job: _Job, init: int, max_depth: int, target_loss: float) -> tuple[l
     cfg, out = job.cfg, job.out
     depth: int | None = init
     round_no, stop_reason = 0, ""
+    kept: list[int] | None = None
     while depth is not None:
         round_no += 1
+        kept = job.kept_at(kept, depth)
         done = job.state.rounds[round_no - 1] if round_no <= len(job.state.rounds) else None
-        if done is not None and done.get("depth", done["layers"]) != depth:
+        if done is not None and _kept_of(done) != kept:
             raise ConfigError(
-                f"--out {out}: finished round {round_no} has {done['layers']} layers but this "
-                f"schedule asks for {depth}; use the same depth settings or another --out"
+                f"--out {out}: finished round {round_no} kept reference layers "
+                f"{layer_ranges(_kept_of(done))} but this schedule asks for "
+                f"{layer_ranges(kept)}; use the same depth settings or another --out"
             )
         if done is None:
-            done = _run_round(job, round_no, depth, target_loss)
+            done = _run_round(job, round_no, kept, target_loss)
         # Re-decided on every run, so a changed tolerance or budget takes effect on resume.
         done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
         verdict = "matched" if done["matched"] else "worse"
@@ -425,20 +477,28 @@ def run(cfg: RecipeConfig) -> RecipeResult:
     )
     if cfg.init_depth.isdigit():  # refused before --out is written (analysis needs none)
         choose_init_depth(cfg.init_depth, int(loaded.config.num_hidden_layers), None)
+    if cfg.selection.rule == "list":  # its indices against the reference, before the weights
+        kept_layers(cfg.selection.select, int(loaded.config.num_hidden_layers), None)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out / "config.yaml")
     distributed.barrier(env)
     windows = data.eval_windows(loaded.tokens, cfg.train.seq_len, cfg.train.eval_tokens)
     job = _Job(cfg, out, state, env, loaded.model, loaded.tokenizer, loaded.tokens, windows)
-    if cfg.extra_eval:
-        extra = inputs.load_tokens(cfg.extra_eval, loaded.tokenizer, val_fraction=1.0)
-        job.extra_windows = data.eval_windows(extra, cfg.train.seq_len, cfg.train.eval_tokens)
+    job.extra_windows = {}
+    for name in cfg.extra_sets:  # the held-out split (brown's samples), else all of it
+        extra = inputs.load_tokens(name, loaded.tokenizer, val_fraction=1.0)
+        job.extra_windows[name] = data.eval_windows(extra, cfg.train.seq_len, cfg.train.eval_tokens)
 
     _analysis_step(job)
     init = choose_init_depth(cfg.init_depth, job.num_layers, state.analysis)
+    if cfg.selection.rule == "list":  # the listed layers are round 1
+        init = len(kept_layers(cfg.selection.select, job.num_layers, None))
     max_depth = resolve_max_depth(cfg.max_depth, job.num_layers, init)
-    _log(f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth {cfg.init_depth})")
+    _log(
+        f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth "
+        f"{cfg.init_depth}, --select {cfg.selection.select})"
+    )
     _precision_step(job, init)
     target_loss, target_label = _reference_step(job)
     _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
@@ -457,7 +517,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
             "kind": cfg.target,
             "label": target_label,
             "val_loss": target_loss,
-            "extra_eval": cfg.extra_eval,
+            "extra_eval": cfg.extra_sets,
         },
         depths={"init_mode": cfg.init_depth, "init": init, "max": max_depth},
         eval_windows=len(windows),

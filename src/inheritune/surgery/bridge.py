@@ -11,6 +11,12 @@ activations to reproduce h_L from h_l; optionally the final norm's gain is refit
 (:mod:`inheritune.surgery.calibrate`). The result is a standard checkpoint with l + 1 layers, which on
 SmolLM2 starts at 4.95 (reference 3.87), built in ~1 CPU-minute (benchmarks/results/bridge.md).
 
+A selection that keeps other layers than the first (``--select``,
+:mod:`inheritune.analysis.selection`) has a seam at every removed span [a, b): each gets its own
+bridge block in place of the span, fitted alone from the reference's stream entering block a to
+the stream entering block b (the final norm's input when b = L). ``--bridge-spans N`` bridges
+only the N longest spans.
+
 Usage::
 
     ref = models.load_model("smollm2-135m")
@@ -18,10 +24,11 @@ Usage::
     ids = calibration_windows(tokens.train, cfg)                       # (64, 128) training
     model, stats = build_bridged(ref, 15, ids, cfg)
     model.save_pretrained("runs/smol15-bridge")                         # 16 layers, plain HF
+    model, stats = build_bridged(ref, [0, 1, 2, 5, 6, 7], ids, cfg)     # 2 seams: 8 layers
 
-The pieces are separate functions: :func:`~inheritune.models.hooks.collect_states` (one
+The pieces are separate functions: :func:`~inheritune.models.hooks.collect_streams` (one
 reference forward with hooks), :func:`fit_linear_map` (the closed-form reference point),
-:func:`add_bridge_block` (surgery), :func:`fit_bridge` (AdamW on the bridge block alone, run by
+:func:`add_bridges` (surgery), :func:`fit_bridge` (AdamW on the bridge block alone, run by
 :class:`~inheritune.models.hooks.BlockRunner`; the blocks below never run again).
 
 Fit loss: next-token prediction only sees each token's direction after the final norm, so the
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inheritune.analysis.selection import bridged_spans, check_indices, spans
 from inheritune.config import ConfigError, check_positive, validate_numbers
 from inheritune.models.arch import get_arch
-from inheritune.models.hooks import BlockRunner, collect_states
+from inheritune.models.hooks import BlockRunner, collect_streams
 
 BRIDGES = ("none", "block")
 # Which reference block the bridge starts as: "last" = block L-1 (it writes h_L, the stream the
@@ -67,18 +76,25 @@ class BridgeConfig:
     bridge: str = field(
         default="none",
         metadata=_h(
-            "none: the inherited stack as is; block: one extra decoder block after the l "
-            "inherited ones, fitted to reproduce the reference's last hidden state, then the "
-            "final norm refitted (a standard checkpoint with l + 1 layers)",
+            "none: the inherited stack as is; block: a decoder block in place of each removed "
+            "span of reference layers (for the first l layers: one after them), fitted to "
+            "reproduce the reference's residual stream where the span ends (a standard "
+            "checkpoint of the reference's class)",
             choices=BRIDGES,
         ),
     )
     bridge_init: str = field(
         default="last",
         metadata=_h(
-            "reference block the bridge starts from: last (block L-1), next (block l), repeat "
-            "(block l-1)",
+            "reference block each bridge starts from: last (the span's last block; L-1 for the "
+            "top span), next (the span's first), repeat (the kept block below the span)",
             choices=BRIDGE_INITS,
+        ),
+    )
+    bridge_spans: int = field(
+        default=0,
+        metadata=_h(
+            "bridge only the N longest removed spans of a selection (0: every span gets one)"
         ),
     )
     calib_tokens: int = field(
@@ -200,15 +216,54 @@ def add_bridge_block(model: nn.Module, depth: int, init: str = "last", seed: int
     from inheritune.surgery import build as surgery
 
     n = get_arch(model).num_layers
+    surgery.check_depth(depth, n)
+    if depth == n:
+        raise ConfigError(
+            f"--bridge-init {init} needs a removed block after the kept ones, but the model has {n}"
+        )
+    return add_bridges(model, range(depth), [(depth, n)], init, seed)[0]
+
+
+def bridge_source(span: tuple[int, int], init: str) -> int:
+    """The reference block a bridge for the removed ``span`` [a, b) starts as (``--bridge-init``)."""
+    a, b = span
     if init not in BRIDGE_INITS:
         raise ConfigError(f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {init!r}")
-    surgery.check_depth(depth, n)
-    src = {"last": n - 1, "next": depth, "repeat": depth - 1}[init]
-    if src >= n:
-        raise ConfigError(
-            f"--bridge-init next needs block {depth} after the kept ones, but the model has {n}"
-        )
-    return surgery.select_layers(model, [*range(depth), src], allow_repeats=True, seed=seed)
+    if init == "repeat" and a == 0:
+        raise ConfigError("--bridge-init repeat needs a kept layer below the span; layer 0 is gone")
+    return {"last": b - 1, "next": a, "repeat": a - 1}[init]
+
+
+def add_bridges(
+    model: nn.Module,
+    kept: Sequence[int],
+    bridged: Sequence[tuple[int, int]],
+    init: str = "last",
+    seed: int = 0,
+) -> tuple[nn.Module, list[int], list[int]]:
+    """A new model of ``model``'s embeddings, its ``kept`` blocks and one bridge block in place of
+    each span in ``bridged`` (removed spans [a, b)), final norm and head: a standard model of the
+    same class, built by :func:`inheritune.surgery.select_layers` (tied embeddings stay tied,
+    ``layer_idx`` renumbered). Returns it, each bridge's position in it and its source block."""
+    from inheritune.surgery import build as surgery
+
+    L = get_arch(model).num_layers
+    have = set(kept)
+    for a, b in bridged:
+        if not 0 <= a < b <= L or have & set(range(a, b)):
+            raise ConfigError(f"span [{a}, {b}) is not a removed span of layers {list(kept)}")
+    starts = {a: (a, b) for a, b in bridged}
+    indices: list[int] = []
+    positions: list[int] = []
+    sources: list[int] = []
+    for i in range(L):
+        if i in starts:
+            positions.append(len(indices))
+            sources.append(bridge_source(starts[i], init))
+            indices.append(sources[-1])
+        if i in have:
+            indices.append(i)
+    return surgery.select_layers(model, indices, allow_repeats=True, seed=seed), positions, sources
 
 
 def state_loss(
@@ -231,18 +286,21 @@ def fit_bridge(
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     gain: torch.Tensor | None = None,
     seed: int = 0,
+    position: int | None = None,
 ) -> dict[str, float]:
-    """Fit ``model``'s last block in place so that it maps ``h_l`` (n, T, D) to ``h_L``.
+    """Fit ``model``'s block ``position`` (default: the last) in place so that it maps ``h_l``
+    (n, T, D) to ``h_L``.
 
     AdamW (betas 0.9/0.95, no weight decay: the start is a trained block), 10% linear warm-up,
     cosine decay to 0, gradient clip 1.0, on random batches of ``batch_size`` cached windows;
-    nothing but the last block runs or changes. Returns the fit loss before and after on
-    ``held_out`` (h_l, h_L) (else on the training windows) and the time taken.
+    nothing but that block runs or changes. Returns the fit loss before and after on
+    ``held_out`` (h_l, h_L) (else on the training windows) and the time taken. A fit that ends
+    worse there than it started is undone (``kept_start``): a bridge never makes its seam worse.
     """
     arch = get_arch(model)
     center = _centers(model)
     gain = _gain(model) if gain is None else gain
-    runner = BlockRunner(model, arch.num_layers - 1)
+    runner = BlockRunner(model, arch.num_layers - 1 if position is None else position)
     block = runner.block
     device = next(model.parameters()).device
     check_x, check_y = held_out if held_out is not None else (h_l, h_L)
@@ -262,6 +320,7 @@ def fit_bridge(
     cpu = time.process_time()
     before = check()
     params = [p for p in block.parameters()]
+    start = [p.detach().clone() for p in params]
     saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -288,10 +347,17 @@ def fit_bridge(
         p.grad = None
         p.requires_grad_(req)
     after = check()
+    kept_start = after > before  # e.g. a one-layer span whose bridge starts as that very layer
+    if kept_start:
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        after = before
     model.train(was_training)
     return {
         "fit_loss_before": before,
         "fit_loss_after": after,
+        "kept_start": kept_start,
         "steps": steps,
         "cpu_seconds": time.process_time() - cpu,
     }
@@ -310,21 +376,34 @@ def calibration_windows(train: np.ndarray, cfg: BridgeConfig, seed: int = 0) -> 
 
 def build_bridged(
     reference: nn.Module,
-    depth: int,
+    kept: int | Sequence[int],
     calib_ids: torch.Tensor | np.ndarray,
     cfg: BridgeConfig,
     seed: int = 0,
+    bridged: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The reference's first ``depth`` blocks + a fitted bridge block + refitted final norm.
+    """The reference's ``kept`` blocks (an int: the first that many) with a fitted bridge block in
+    place of each removed span, then (``cfg.norm_iters``) the final norm refitted.
 
+    ``bridged`` are the spans [a, b) that get a bridge (default: every removed span, or the
+    ``cfg.bridge_spans`` longest); each bridge is fitted alone on the reference's own streams,
+    from the input of block a to the input of block b (the final norm's input when b = L).
     ``calib_ids`` (n, T) are training-split windows (:func:`calibration_windows`); the last
     eighth of them (at least one) is held out to report the fit, the first ``cfg.norm_windows``
-    also fit the final norm. Returns the new model (depth + 1 layers, the reference's class,
-    eval mode) and the fit statistics that ``provenance.json`` records. The reference is not
-    modified.
+    also fit the final norm. Returns the new model (the reference's class, eval mode) and the
+    fit statistics that ``provenance.json`` records. The reference is not modified.
     """
     from inheritune.surgery.calibrate import calibrate_final_norm
 
+    L = get_arch(reference).num_layers
+    if isinstance(kept, int) and not 1 <= kept < L:
+        raise ConfigError(
+            f"a bridge needs 1 <= --num-layers < {L} (the reference's depth), got {kept}"
+        )
+    kept = check_indices(range(kept) if isinstance(kept, int) else kept, L, what="kept layers")
+    gaps = list(bridged) if bridged is not None else bridged_spans(kept, L, cfg.bridge_spans)
+    if not gaps:
+        raise ConfigError(f"the selection keeps all {L} layers: there is no removed span to bridge")
     ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
     if ids.ndim != 2 or len(ids) < 2 or ids.shape[1] < 2:
         raise ConfigError(
@@ -333,41 +412,71 @@ def build_bridged(
         )
     wall, cpu = time.perf_counter(), time.process_time()
     hold = max(1, len(ids) // 8)
-    h_l, h_L = collect_states(reference, ids, depth)
+    streams = collect_streams(reference, ids, sorted({d for gap in gaps for d in gap}))
     seconds_states = time.process_time() - cpu
     center = _centers(reference)
-    a, r2_fit = fit_linear_map(h_l[:-hold], h_L[:-hold], center)
-    r2_held = linear_map_r2(a, h_l[-hold:], h_L[-hold:], center)
-    model = add_bridge_block(reference, depth, cfg.bridge_init, seed=seed)
     gain = _gain(reference)
-    fit = fit_bridge(
-        model,
-        h_l[:-hold],
-        h_L[:-hold],
-        steps=cfg.bridge_steps,
-        lr=cfg.bridge_lr,
-        batch_size=cfg.bridge_batch,
-        held_out=(h_l[-hold:], h_L[-hold:]),
-        gain=gain,
-        seed=seed,
-    )
+    model, positions, sources = add_bridges(reference, kept, gaps, cfg.bridge_init, seed=seed)
+    bridges = []
+    for (a, b), pos, src in zip(gaps, positions, sources, strict=True):
+        h_in, h_out = streams[a], streams[b]
+        lin, r2_fit = fit_linear_map(h_in[:-hold], h_out[:-hold], center)
+        fit = fit_bridge(
+            model,
+            h_in[:-hold],
+            h_out[:-hold],
+            steps=cfg.bridge_steps,
+            lr=cfg.bridge_lr,
+            batch_size=cfg.bridge_batch,
+            held_out=(h_in[-hold:], h_out[-hold:]),
+            gain=gain,
+            seed=seed,
+            position=pos,
+        )
+        bridges.append(
+            {
+                "span": [a, b],
+                "position": pos,
+                "init_from": src,
+                "fit_loss_before": fit["fit_loss_before"],
+                "fit_loss_after": fit["fit_loss_after"],
+                "kept_start": fit["kept_start"],
+                # the same loss for the linear map: how close the block gets to it
+                "linear_map_fit_loss": float(
+                    state_loss(h_in[-hold:] @ lin, h_out[-hold:], gain, center)
+                ),
+                "linear_map_r2": {
+                    "fit": r2_fit,
+                    "held_out": linear_map_r2(lin, h_in[-hold:], h_out[-hold:], center),
+                },
+                "cpu_seconds": fit["cpu_seconds"],
+            }
+        )
+    del streams
     norm_ids = ids[: min(cfg.norm_windows, len(ids) - hold)]
     norm = calibrate_final_norm(model, norm_ids, cfg.norm_iters) if cfg.norm_iters else None
+
+    def mean(key: str) -> float:
+        return float(np.mean([br[key] for br in bridges]))
+
     stats = {
         "bridge": cfg.bridge,
         "bridge_init": cfg.bridge_init,
-        "kept_layers": depth,
-        "layers": depth + 1,
+        "kept_layers": len(kept),
+        "kept": kept,
+        "layers": len(kept) + len(bridges),
+        "bridges": bridges,
+        "unbridged_spans": [list(g) for g in spans(kept, L) if g not in gaps],
         "calib_windows": len(ids),
         "calib_seq_len": int(ids.shape[1]),
         "calib_tokens": int(ids.numel()),
         "held_out_windows": hold,
         "fit_loss": "mean 1 - cos of gain-weighted normalised states, position 0 left out",
-        "fit_loss_before": fit["fit_loss_before"],
-        "fit_loss_after": fit["fit_loss_after"],
-        # the same loss for the linear map: how close the block gets to it
-        "linear_map_fit_loss": float(state_loss(h_l[-hold:] @ a, h_L[-hold:], gain, center)),
-        "linear_map_r2": {"fit": r2_fit, "held_out": r2_held},
+        # over the bridges (the one bridge's own numbers when there is one)
+        "fit_loss_before": mean("fit_loss_before"),
+        "fit_loss_after": mean("fit_loss_after"),
+        "linear_map_fit_loss": mean("linear_map_fit_loss"),
+        "linear_map_r2": bridges[-1]["linear_map_r2"],
         "steps": cfg.bridge_steps,
         "lr": cfg.bridge_lr,
         "batch_windows": cfg.bridge_batch,
@@ -381,7 +490,7 @@ def build_bridged(
         },
         "cpu_seconds": {
             "states": seconds_states,
-            "fit": fit["cpu_seconds"],
+            "fit": sum(br["cpu_seconds"] for br in bridges),
             "total": time.process_time() - cpu,
         },
         "wall_seconds": time.perf_counter() - wall,
@@ -391,23 +500,24 @@ def build_bridged(
 
 def bridge_on_corpus(
     reference: nn.Module,
-    depth: int,
+    kept: int | Sequence[int],
     tokens: Any,
     cfg: BridgeConfig,
     seed: int = 0,
     eval_tokens: int = 8192,
     eval_seq_len: int = 128,
+    bridged: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`build_bridged` on a tokenised corpus (:class:`inheritune.data.Tokens`), plus the
-    validation loss of the reference, the inherited ``depth`` layers as they are, and the bridged
-    model, on the fixed validation windows the training loop evaluates on
+    validation loss of the reference, the ``kept`` layers as they are, and the bridged model, on
+    the fixed validation windows the training loop evaluates on
     (:func:`inheritune.data.eval_windows`; ``eval_tokens`` 0 skips them)."""
     from inheritune.data import windows as data
     from inheritune.models.losses import evaluate_loss
     from inheritune.surgery import build as surgery
 
     ids = calibration_windows(tokens.train, cfg, seed)
-    model, stats = build_bridged(reference, depth, ids, cfg, seed=seed)
+    model, stats = build_bridged(reference, kept, ids, cfg, seed=seed, bridged=bridged)
     if eval_tokens > 0:
         windows = data.eval_windows(tokens, eval_seq_len, eval_tokens)
         stats["validation"] = {
@@ -415,7 +525,7 @@ def bridge_on_corpus(
             "seq_len": eval_seq_len,
             "tokens": int(windows[:, 1:].size),
             "reference": evaluate_loss(reference, windows),
-            "inherited": evaluate_loss(surgery.first_layers(reference, depth), windows),
+            "inherited": evaluate_loss(surgery.select_layers(reference, stats["kept"]), windows),
             "bridged": evaluate_loss(model, windows),
         }
     return model, stats

@@ -4,9 +4,9 @@ The command behind Inheritune's first step (paper Alg. 1, step 1) as a standalon
 checks the layer selection (``--select``, :mod:`inheritune.analysis.selection`: the first K
 layers, a scored rule, or a list) against the reference's config before any weights load,
 measures the selection's layer scores if it needs them (training split, cached), builds the
-target with :mod:`inheritune.surgery` (``--parts``, ``--fresh``), optionally appends a fitted
-bridge block (``--bridge block``, :mod:`inheritune.surgery.bridge`), and writes a Hugging Face folder
-that ``AutoModelForCausalLM.from_pretrained`` loads as is, with ``inheritune.yaml`` (the
+target with :mod:`inheritune.surgery` (``--parts``, ``--fresh``), optionally puts a fitted
+bridge block at every seam (``--bridge block``, :mod:`inheritune.surgery.bridge`; ``--num-layers``
+then counts the bridges too), and writes a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as is, with ``inheritune.yaml`` (the
 resolved config) and ``provenance.json`` (which layers came from where) beside it. With
 ``--export-mergekit`` the same selection is also written as mergekit passthrough slices.
 
@@ -14,7 +14,8 @@ Usage::
 
     inheritune inherit --num-layers 15 --out runs/smol15
     inheritune inherit --num-layers 20 --select bi --out runs/smol20-bi
-    inherit(build(InheritConfig, num_layers=15, bridge="block", out="runs/smol15b"))
+    inheritune inherit --num-layers 20 --select bi --bridge block --out runs/smol20-bi-b
+    inherit(build(InheritConfig, num_layers=16, bridge="block", out="runs/smol15b"))  # 15 + 1
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from inheritune.analysis.layer_scores import choose_layers
-from inheritune.analysis.selection import SelectConfig, kept_layers, parse_select
+from inheritune.analysis.selection import SelectConfig, kept_for_depth, kept_layers, parse_select
 from inheritune.config import ConfigError, nested, save_resolved, validate_numbers
 from inheritune.models.arch import get_arch
 from inheritune.surgery import bridge as _bridge
@@ -49,7 +50,10 @@ class InheritConfig:
     )
     num_layers: int | None = field(
         default=None,
-        metadata={"help": "keep K layers, chosen by --select (or list them in --select)"},
+        metadata={
+            "help": "the output's depth K: K layers chosen by --select, or with --bridge block "
+            "K layers in all, bridge blocks included (or list the layers in --select)"
+        },
     )
     layers: str | None = field(
         default=None,
@@ -79,7 +83,7 @@ class InheritConfig:
             "shared matrix"
         },
     )
-    # --bridge block: an extra fitted block, a standard (l + 1)-layer checkpoint (bridge.py)
+    # --bridge block: a fitted block at every seam of the selection, a standard checkpoint
     bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
     data: str = field(
         default="shakespeare",
@@ -121,22 +125,29 @@ class InheritConfig:
         bridging = self.bridging.bridge != "none"  # BridgeConfig validated its own fields
         if self.export_mergekit and (self.fresh or bridging):
             raise ConfigError("--export-mergekit copies reference layers only: no --fresh/--bridge")
-        if bridging:
-            if self.num_layers is None or self.selection.rule != "first":
-                raise ConfigError("--bridge block needs --num-layers K (the first K layers)")
-            if self.parts != "block" or self.fresh:
-                raise ConfigError(
-                    "--bridge block is fitted to the reference's own blocks, embeddings, final "
-                    "norm and head: it needs --parts block and no --fresh"
-                )
+        if bridging and (self.parts != "block" or self.fresh):
+            raise ConfigError(
+                "--bridge block is fitted to the reference's own blocks, embeddings, final "
+                "norm and head: it needs --parts block and no --fresh"
+            )
 
 
 def check_selection(cfg: InheritConfig, num_layers: int) -> None:
     """Fail on a selection the reference cannot give before any weights load."""
-    if cfg.selection.rule == "list":
-        kept_layers(cfg.selection.select, num_layers, None)
-    else:
+    bridging = cfg.bridging.bridge != "none"
+    if cfg.num_layers is not None:
         check_depth(int(cfg.num_layers), num_layers)
+    if bridging and not cfg.selection.needs_scores:  # the layers follow from the config alone
+        _, bridged = kept_for_depth(
+            cfg.selection.select, num_layers, cfg.num_layers, None, cfg.bridging.bridge_spans
+        )
+        if not bridged:
+            raise ConfigError(
+                f"--bridge block: the selection keeps all {num_layers} layers, so there is no "
+                "removed span to bridge"
+            )
+    elif cfg.selection.rule == "list":
+        kept_layers(cfg.selection.select, num_layers, None)
 
 
 def inherit(cfg: InheritConfig) -> Path:
@@ -178,21 +189,27 @@ def inherit(cfg: InheritConfig) -> Path:
         trust_remote_code=cfg.trust_remote_code,
     )
     ref = loaded.model
-    indices, scores = choose_layers(ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.seed)
-    target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
-    if cfg.fresh:
-        target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
+    spans = cfg.bridging.bridge_spans if bridging else None
+    choice = choose_layers(ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.seed, spans)
+    indices, scores = choice.kept, choice.scores
     bridged = None
     if bridging:
+        if not choice.bridged:
+            raise ConfigError("--bridge block: the selection leaves no removed span to bridge")
         target, bridged = _bridge.bridge_on_corpus(
             ref,
-            len(indices),
+            indices,
             loaded.tokens,
             cfg.bridging,
             cfg.seed,
             cfg.eval_tokens,
             cfg.eval_seq_len,
+            bridged=choice.bridged,
         )
+    else:
+        target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
+        if cfg.fresh:
+            target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out)
@@ -220,7 +237,9 @@ def inherit(cfg: InheritConfig) -> Path:
         note = f"inheritune inherit: reference layers {indices} ({LAYER_NUMBERING})"
         print(f"mergekit config: {write_config(cfg.export_mergekit, mk, [note])}")
     print(
-        f"inherited {len(indices)} of {provenance['reference_layers']} layers of {cfg.model} "
+        f"inherited {len(indices)} of {provenance['reference_layers']} layers of {cfg.model}"
+        + (f" + {len(bridged['bridges'])} bridge block(s)" if bridged else "")
+        + " "
         f"({provenance['parameters']['target']:,} of {provenance['parameters']['reference']:,} "
         f"parameters) -> {out}"
     )
@@ -228,7 +247,7 @@ def inherit(cfg: InheritConfig) -> Path:
         v = bridged["validation"]
         print(
             f"bridge block: validation loss {v['inherited']:.3f} (inherited) -> "
-            f"{v['bridged']:.3f} (bridged, {len(indices) + 1} layers); reference "
+            f"{v['bridged']:.3f} (bridged, {bridged['layers']} layers); reference "
             f"{v['reference']:.3f} nats/token on {v['tokens']} tokens"
         )
     return out
