@@ -4,7 +4,9 @@ outputs on general English and on Shakespeare (issue #24, point 7).
 Rows (SmolLM2-135M, 30 layers; every model is built by the ``inherit`` command itself, so this
 measures the product's path): the reference; ``--select first --num-layers 20 --bridge block``
 (the first 19 layers + the top bridge); ``--select bi --num-layers 20 --bridge block`` (Block
-Influence, a bridge at every seam, 20 layers in all); and the same two without bridges. Scores
+Influence, a bridge at every seam, 20 layers in all); ``--select auto --bridge block`` (every
+rule's bridged start scored on training-split windows, the best kept); and first and bi without
+bridges. Scores
 and bridges are fitted on the TRAINING split of ``--data`` (default ``brown``: its held-out
 samples stay unseen); the evaluation sets are Brown's held-out samples, Shakespeare's validation
 split and all of botchan, 64 fixed windows of 128 tokens each (the demo's windows).
@@ -34,6 +36,7 @@ SETS = {"brown (held out)": "brown", "shakespeare (val)": "shakespeare", "botcha
 ROWS = {
     "first-19 + top bridge": {"select": "first", "bridge": "block"},
     "bi + bridge at every seam": {"select": "bi", "bridge": "block"},
+    "auto + bridge at every seam": {"select": "auto", "bridge": "block"},
     "first-20, no bridge": {"select": "first", "bridge": "none"},
     "bi-20, no bridge": {"select": "bi", "bridge": "none"},
 }
@@ -101,6 +104,7 @@ def main() -> None:
                 f"--bridge {knobs['bridge']}",
                 "kept": prov["kept_layers"],
                 "bridged_spans": [b["span"] for b in bridges],
+                "auto": prov.get("auto"),
                 "build_seconds": build_s,
             }
             record(row, tmp, extra)

@@ -242,3 +242,18 @@ def tokens(tmp_path, tokenizer):
     p = tmp_path / "corpus.txt"
     p.write_text(CORPUS_TEXT * 2)
     return data.load_tokens(str(p), tokenizer)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_folder, corpus_file):
+    """Factory: a RecipeConfig on a tiny 6-layer Llama; keyword overrides."""
+    from inheritune.config import build
+    from inheritune.recipe.config import RecipeConfig
+
+    model = tiny_folder("llama", layers=6)
+
+    def make(**kw) -> RecipeConfig:
+        values = {"model": str(model), "data": str(corpus_file), "out": str(tmp_path / "run")}
+        return build(RecipeConfig, **{**values, **TINY_RUN, **kw})
+
+    return make

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_RUN
 from inheritune import cli, data
 from inheritune import training as train_mod
 from inheritune.config import ConfigError, build, flag_fields, load_yaml, to_dict
@@ -30,18 +29,6 @@ from inheritune.recipe import run as recipe
 from inheritune.recipe.config import RecipeConfig
 from inheritune.surgery import build as surgery
 from inheritune.training import optim
-
-
-@pytest.fixture
-def tiny_run(tmp_path, tiny_folder, corpus_file):
-    """Factory: a RecipeConfig on a tiny 6-layer Llama; keyword overrides."""
-    model = tiny_folder("llama", layers=6)
-
-    def make(**kw) -> RecipeConfig:
-        values = {"model": str(model), "data": str(corpus_file), "out": str(tmp_path / "run")}
-        return build(RecipeConfig, **{**values, **TINY_RUN, **kw})
-
-    return make
 
 
 def _spy_training(monkeypatch) -> list[train_mod.TrainConfig]:

@@ -64,6 +64,14 @@ class SelectConfig:
             "min": 1,
         },
     )
+    auto_probe_steps: int = field(
+        default=0,
+        metadata={
+            "help": "--select auto in run: train each candidate this many steps before "
+            "scoring it (0: score the starts as built)",
+            "min": 0,
+        },
+    )
     score_windows: int = field(
         default=32,
         metadata={"help": "training-split windows the layer scores are measured on", "min": 1},

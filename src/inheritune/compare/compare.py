@@ -70,6 +70,7 @@ from inheritune.storage import (
 )
 from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
+from inheritune.surgery.auto import candidates_markdown, choose_auto, format_candidates
 from inheritune.surgery.mergekit import check_path, config_dtype, export_selections, source_name
 from inheritune.training.checkpoint import checkpoints_root
 from inheritune.training.precision import choose_for_inherited, recorded_choice
@@ -91,11 +92,13 @@ def variant_spec(cfg: CompareConfig, name: str, depth: int) -> dict[str, Any]:
     select = cfg.selection.select if name == "inheritune" else v.select
     if select is not None and select != "first":
         spec["select"] = select
-    if select in SCORE_OF:
+    if select in SCORE_OF or select == "auto":
         sel = cfg.selection
         spec["calibration"] = {"windows": sel.score_windows, "seq_len": sel.score_seq_len}
-        if select == "angular":
+        if select in ("angular", "auto"):
             spec["calibration"]["angular_tokens"] = sel.angular_tokens
+        if select == "auto":
+            spec["calibration"]["auto_windows"] = sel.auto_windows
     if name == "inheritune" and cfg.bridging.bridge != "none":
         spec["bridge"] = to_dict(cfg.bridging)
     return canonical(spec)
@@ -218,6 +221,27 @@ def run_variant(ctx: RunContext, name: str, spec: dict[str, Any]) -> dict[str, A
         evals = s1["evals"] + [{**e, "tokens": e["tokens"] + offset} for e in s2["evals"]]
         stages = [s1, s2]
         extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
+    elif name == "inheritune" and cfg.selection.rule == "auto":
+        choice = choose_auto(
+            ctx.reference,
+            ctx.tokens,
+            cfg.selection,
+            ctx.depth,
+            cfg.bridging,
+            cfg.train.seed,
+            eval_batch=cfg.train.eval_batch(),
+        )
+        print(format_candidates(choice))
+        model, kept = choice.model, choice.kept
+        info = {"layers_from": kept, "depth": ctx.depth, "select": "auto", "auto": choice.record()}
+        if choice.bridge_stats is not None:
+            info["bridge"] = extra["bridge"] = choice.bridge_stats
+        extra["auto"] = choice.record()
+        params = models.count_parameters(model)
+        s = _train_stage(
+            ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget
+        )
+        evals, stages = s["evals"], [s]
     elif name == "inheritune" and cfg.bridging.bridge == "block":
         sel = cfg.selection
         scores = ctx.scores() if sel.needs_scores else None
@@ -520,6 +544,9 @@ def render_markdown(summary: dict[str, Any], plot_name: str) -> str:
         "is the first eval at or below the reference's loss. Layers are numbered from 0 (the "
         "paper's plots number from 1).",
     ]
+    for r in rows:  # --select auto: the inheritune row's candidates
+        if r["init"].get("auto"):
+            lines += ["", *candidates_markdown(r["init"]["auto"])]
     if summary["skipped"]:
         lines += ["", "Skipped (cannot be built for this reference at this depth):", ""]
         lines += [f"* {n}: {why}" for n, why in summary["skipped"].items()]
@@ -538,4 +565,5 @@ def _init_text(row: dict[str, Any]) -> str:
     src = init.get("layers_from")
     n = len(init["bridge"].get("bridges", [None])) if "bridge" in init else 0
     bridged = f" + {n} bridge block{'s' if n > 1 else ''}" if n else ""
-    return "random" if src is None else f"layers {layer_ranges(src)}{bridged}"
+    chosen = f" (auto: {init['auto']['chosen']})" if init.get("auto") else ""
+    return "random" if src is None else f"layers {layer_ranges(src)}{bridged}{chosen}"

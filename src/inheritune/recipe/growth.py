@@ -36,6 +36,7 @@ class RunState:
     reference: dict[str, Any] | None = None
     trained_reference: dict[str, Any] | None = None
     precision: dict[str, Any] | None = None  # --precision auto: the choice and its timings
+    auto: dict[str, Any] | None = None  # --select auto: every candidate's loss and the choice
     rounds: list[dict[str, Any]] = field(default_factory=list)
     write: bool = True  # False on non-main ranks under torchrun
 
@@ -58,7 +59,7 @@ class RunState:
             return cls(path, spec, write=write)
         if saved.get("version") != STATE_VERSION:
             raise ConfigError(f"--out {out}: {STATE_FILE} has an unknown version")
-        keys = ("analysis", "reference", "trained_reference", "precision")
+        keys = ("analysis", "reference", "trained_reference", "precision", "auto")
         state = cls(path, spec, **{k: saved.get(k) for k in keys}, write=write)
         state.rounds = list(saved.get("rounds", []))
         return state
@@ -72,6 +73,7 @@ class RunState:
             "reference": self.reference,
             "trained_reference": self.trained_reference,
             "precision": self.precision,
+            "auto": self.auto,
             "rounds": self.rounds,
         }
         storage.write_cached(self.path, self.spec, payload)

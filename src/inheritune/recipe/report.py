@@ -20,6 +20,7 @@ import torch
 from inheritune.analysis import plots
 from inheritune.models.arch import LAYER_NUMBERING
 from inheritune.storage import atomic_write_json
+from inheritune.surgery.auto import candidates_markdown
 from inheritune.training.monitor import cpu_info
 
 _TRAINED = {"trained-reference": "trained", "scratch-reference": "from scratch"}
@@ -82,6 +83,7 @@ def build_report(
         "machine": cpu_info(),
         "precision": state.get("precision")
         or {"precision": train["precision"], "reason": "set by --precision"},
+        "auto": state.get("auto"),
         "time_budget_per_round_s": train.get("time_budget", 0.0),
         "config_file": "config.yaml",
     }
@@ -317,14 +319,16 @@ def _layers_section(report: dict[str, Any]) -> list[str]:
     """Which reference layers each round kept (``--select``) and what its bridges did."""
     from inheritune.analysis.selection import layer_ranges
 
-    select = report.get("select", "first")
-    lines = ["## Layers kept", ""] if select != "first" else []
+    select, auto = report.get("select", "first"), report.get("auto")
+    lines = candidates_markdown(auto)
+    lines += ["## Layers kept", ""] if select != "first" else []
     for r in report["rounds"] if lines else []:
         kept = r.get("kept") or list(range(r["depth"]))
         lines.append(
-            f"- round {r['round']}: reference layers {layer_ranges(kept)} (`--select {select}`)"
+            f"- round {r['round']}: reference layers {layer_ranges(kept)} (`--select {select}`"
+            + (", chosen by `--select auto`)" if auto else ")")
         )
-    lines += [""] if lines else []
+    lines += [""] if select != "first" else []
     bridged = [r for r in report["rounds"] if r.get("bridge")]
     if bridged:
         lines += ["## The bridge blocks", ""]

@@ -75,6 +75,7 @@ from inheritune.recipe.report import build_report, measure_speeds, verdict_line,
 from inheritune.storage import atomic_write_json
 from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
+from inheritune.surgery.auto import choose_auto
 from inheritune.surgery.calibrate import calibrate_final_norm
 from inheritune.training.config import TrainConfig
 from inheritune.training.precision import choose_for_inherited
@@ -146,6 +147,7 @@ class _Job:
     windows: Any  # the fixed validation windows of every round and the reference
     extra_windows: dict[str, Any] | None = None  # --extra-eval: name -> windows (same shape)
     _scores: Any = None  # the reference's layer scores for --select, measured on first use
+    prebuilt: Any = None  # --select auto: (kept, model, bridge fit) of round 1, built once
 
     def scores(self) -> LayerScores | None:
         """The scores ``--select`` keeps and grows by (None for first, keep-last and lists),
@@ -208,6 +210,76 @@ def _analysis_step(job: _Job) -> None:
         "seconds": round(result.seconds, 1),
     }
     state.save()
+
+
+def _select_step(job: _Job, init: int) -> None:
+    """``--select auto``, once per run: every rule's round-1 start (its ``init`` layers, with
+    ``--bridge block`` a bridge at each seam) built, optionally probed for
+    ``--auto-probe-steps`` training steps, and scored on training-split windows; the best rule
+    then keeps and grows every round. Resumed runs reuse the recorded choice."""
+    cfg, state = job.cfg, job.state
+    if cfg.selection.rule != "auto":
+        return
+    if state.auto is None:
+        steps = cfg.selection.auto_probe_steps
+        _log(
+            f"--select auto: building every rule's {init}-layer start"
+            + (f", {steps} probe steps each" if steps else "")
+        )
+        t0 = time.perf_counter()
+        choice = choose_auto(
+            job.reference,
+            job.tokens,
+            cfg.selection,
+            init,
+            cfg.bridging,
+            cfg.train.seed,
+            probe=(lambda m, rule: _probe(job, m, rule, steps)) if steps else None,
+            eval_batch=cfg.train.eval_batch(),
+            count_bridges=False,  # run's depths count the kept layers, bridges on top
+        )
+        state.auto = {
+            **choice.record(),
+            "probe_steps": steps,
+            "seconds": time.perf_counter() - t0,
+        }
+        state.save()
+        if not steps:  # the winner's start is round 1's: its bridges are not fitted twice
+            job.prebuilt = (choice.kept, choice.model, choice.bridge_stats)
+        job._scores = choice.scores
+    for c in state.auto["candidates"]:
+        same = f" (= {c['same_as']})" if c["same_as"] else ""
+        _log(f"  {'*' if c['chosen'] else ' '} {c['rule']:<10} {c['loss']:.4f}{same}")
+    _log(f"--select auto chose {state.auto['chosen']} (training-split windows)")
+    job.cfg = replace(cfg, selection=replace(cfg.selection, select=state.auto["chosen"]))
+
+
+def _probe(job: _Job, model: torch.nn.Module, rule: str, steps: int) -> torch.nn.Module:
+    """``--auto-probe-steps``: train one candidate ``steps`` steps (no periodic evaluation or
+    checkpoint) in OUT/auto/<rule>, and return it trained; the folder is removed after."""
+    import shutil
+
+    folder = job.out / "auto" / rule
+    shutil.rmtree(folder, ignore_errors=True)  # a probe is short: a stopped one starts over
+    t = job.cfg.train
+    tcfg = replace(
+        t,
+        out=str(folder),
+        steps=steps,
+        warmup=min(t.warmup, max(1, steps // 10)),
+        eval_every=0,
+        save_every=0,
+        time_budget=0.0,
+        eval_tokens=t.seq_len,  # the loop's own evaluation is not what auto scores by
+        resume=False,
+        tensorboard=None,
+    )
+    result = _train(job, model, tcfg, None, f"auto probe: {rule}")
+    trained = models.load_model(str(result.final_dir)).to(job.env.device)
+    distributed.barrier(job.env)
+    if job.env.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+    return trained
 
 
 def _precision_step(job: _Job, init: int) -> None:
@@ -333,8 +405,12 @@ def _bridged_round_model(job: _Job, kept: list[int], rdir: Path) -> tuple[Any, d
     if (rdir / "checkpoints").exists() and record.is_file():
         model = bridge.add_bridges(job.reference, kept, spans, cfg.bridge_init, seed=seed)[0]
         return model, json.loads(record.read_text())
-    ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
-    model, stats = bridge.build_bridged(job.reference, kept, ids, cfg, seed=seed, bridged=spans)
+    pre, job.prebuilt = job.prebuilt, None
+    if pre is not None and pre[0] == kept and pre[2] is not None:  # --select auto built it
+        model, stats = pre[1], pre[2]
+    else:
+        ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
+        model, stats = bridge.build_bridged(job.reference, kept, ids, cfg, seed=seed, bridged=spans)
     if job.env.is_main:
         atomic_write_json(record, stats)
     where = ", ".join(f"{a}-{b - 1}" for a, b in spans)
@@ -499,6 +575,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         f"step 2: initial depth {init} of {job.num_layers} layers (--init-depth "
         f"{cfg.init_depth}, --select {cfg.selection.select})"
     )
+    _select_step(job, init)
     _precision_step(job, init)
     target_loss, target_label = _reference_step(job)
     _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
@@ -510,6 +587,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
             "reference": state.reference,
             "trained_reference": state.trained_reference,
             "precision": state.precision,
+            "auto": state.auto,
         },
         analysis=state.analysis,
         rounds=rounds,

@@ -26,8 +26,10 @@ from inheritune.analysis.selection import (
     SCORE_OF,
     LayerScores,
     SelectConfig,
+    bridged_spans,
     kept_for_depth,
     kept_layers,
+    layer_ranges,
 )
 from inheritune.data.windows import sample_windows
 from inheritune.models.arch import get_arch
@@ -50,9 +52,17 @@ class AutoChoice:
     scores: LayerScores
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every rule, its loss
 
+    windows: int = 0
+    seq_len: int = 0
+
     def record(self) -> dict[str, Any]:
         """For provenance.json and the reports."""
-        return {"chosen": self.rule, "candidates": self.candidates}
+        return {
+            "chosen": self.rule,
+            "candidates": self.candidates,
+            "windows": self.windows,
+            "seq_len": self.seq_len,
+        }
 
 
 def auto_windows(train: np.ndarray, cfg: SelectConfig, seed: int) -> np.ndarray:
@@ -70,10 +80,15 @@ def choose_auto(
     seed: int = 0,
     probe: Callable[[nn.Module, str], nn.Module] | None = None,
     eval_batch: int = 8,
+    count_bridges: bool = True,
 ) -> AutoChoice:
-    """Build every rule's ``depth``-layer start (bridges included when ``bridging`` is a block
-    bridge: ``depth`` then counts them), optionally ``probe`` it (train a few steps), score it on
-    :func:`auto_windows` and return the best, with every candidate's numbers."""
+    """Build every rule's ``depth``-layer start (with a bridge block at its seams when
+    ``bridging`` is a block bridge), optionally ``probe`` it (train a few steps), score it on
+    :func:`auto_windows` and return the best, with every candidate's numbers.
+
+    ``count_bridges``: ``depth`` counts the bridges (``inherit`` and ``compare``'s
+    ``--num-layers``/``--depth``); False: ``depth`` layers are kept and the bridges come on top
+    (``run``'s rounds)."""
     L = get_arch(reference).num_layers
     need = sorted(set(SCORE_OF.values()))
     scores = layer_scores(
@@ -85,8 +100,11 @@ def choose_auto(
     built: dict[tuple, dict[str, Any]] = {}
     candidates, best = [], None
     for rule in RULES:
-        if bridge_on:
+        if bridge_on and count_bridges:
             kept, spans = kept_for_depth(rule, L, depth, scores, bridging.bridge_spans)
+        elif bridge_on:
+            kept = kept_layers(rule, L, depth, scores)
+            spans = bridged_spans(kept, L, bridging.bridge_spans)
         else:
             kept, spans = kept_layers(rule, L, depth, scores), []
         key = (tuple(kept), tuple(spans))
@@ -125,4 +143,55 @@ def choose_auto(
     kept, spans = list(best[0]), [tuple(s) for s in best[1]]
     for c in candidates:
         c["chosen"] = c["rule"] == win["rule"]
-    return AutoChoice(win["rule"], kept, spans, win["model"], win["stats"], scores, candidates)
+    return AutoChoice(
+        win["rule"],
+        kept,
+        spans,
+        win["model"],
+        win["stats"],
+        scores,
+        candidates,
+        windows=len(windows),
+        seq_len=int(windows.shape[1]) - 1,
+    )
+
+
+def format_candidates(choice: AutoChoice) -> str:
+    """The candidates as a plain-text table (one line each, the chosen one marked)."""
+    lines = ["--select auto: every rule's start, mean loss on training-split windows"]
+    for c in choice.candidates:
+        same = f" (= {c['same_as']})" if c["same_as"] else ""
+        bridges = len(c["bridged_spans"])
+        lines.append(
+            f"  {'*' if c['chosen'] else ' '} {c['rule']:<10} {c['loss']:.4f}  layers "
+            f"{layer_ranges(c['kept'])}" + (f" + {bridges} bridge(s)" if bridges else "") + same
+        )
+    lines.append(f"chosen: {choice.rule}")
+    return "\n".join(lines)
+
+
+def candidates_markdown(auto: dict[str, Any] | None) -> list[str]:
+    """A report's ``--select auto`` section from :meth:`AutoChoice.record` (``run`` adds
+    ``probe_steps``): every rule's start and its loss on the training-split windows."""
+    if not auto:
+        return []
+    probe = auto.get("probe_steps") or 0
+    lines = [
+        "## `--select auto`",
+        "",
+        f"Every rule's start, scored by its mean loss on {auto.get('windows')} windows of "
+        f"{auto.get('seq_len')} tokens of the training split"
+        + (f" after {probe} probe steps of training" if probe else " as built (no training)")
+        + f"; the lowest is kept: **{auto['chosen']}**.",
+        "",
+        "| rule | reference layers kept | bridge blocks | loss (training-split windows) |",
+        "|---|---|---|---|",
+    ]
+    for c in auto["candidates"]:
+        name = f"**{c['rule']}**" if c.get("chosen") else c["rule"]
+        same = f" (same layers as {c['same_as']})" if c.get("same_as") else ""
+        lines.append(
+            f"| {name} | {layer_ranges(c['kept'])} | {len(c['bridged_spans'])} | "
+            f"{c['loss']:.4f}{same} |"
+        )
+    return [*lines, ""]

@@ -512,20 +512,36 @@ def bridge_on_corpus(
     validation loss of the reference, the ``kept`` layers as they are, and the bridged model, on
     the fixed validation windows the training loop evaluates on
     (:func:`inheritune.data.eval_windows`; ``eval_tokens`` 0 skips them)."""
+    ids = calibration_windows(tokens.train, cfg, seed)
+    model, stats = build_bridged(reference, kept, ids, cfg, seed=seed, bridged=bridged)
+    if eval_tokens > 0:
+        stats["validation"] = validation_record(
+            reference, model, stats["kept"], tokens, eval_tokens, eval_seq_len
+        )
+    return model, stats
+
+
+def validation_record(
+    reference: nn.Module,
+    model: nn.Module,
+    kept: Sequence[int],
+    tokens: Any,
+    eval_tokens: int = 8192,
+    eval_seq_len: int = 128,
+) -> dict[str, Any]:
+    """The validation loss of the reference, its ``kept`` layers as they are and the bridged
+    ``model``, on the fixed validation windows the training loop evaluates on
+    (:func:`inheritune.data.eval_windows`)."""
     from inheritune.data import windows as data
     from inheritune.models.losses import evaluate_loss
     from inheritune.surgery import build as surgery
 
-    ids = calibration_windows(tokens.train, cfg, seed)
-    model, stats = build_bridged(reference, kept, ids, cfg, seed=seed, bridged=bridged)
-    if eval_tokens > 0:
-        windows = data.eval_windows(tokens, eval_seq_len, eval_tokens)
-        stats["validation"] = {
-            "windows": len(windows),
-            "seq_len": eval_seq_len,
-            "tokens": int(windows[:, 1:].size),
-            "reference": evaluate_loss(reference, windows),
-            "inherited": evaluate_loss(surgery.select_layers(reference, stats["kept"]), windows),
-            "bridged": evaluate_loss(model, windows),
-        }
-    return model, stats
+    windows = data.eval_windows(tokens, eval_seq_len, eval_tokens)
+    return {
+        "windows": len(windows),
+        "seq_len": eval_seq_len,
+        "tokens": int(windows[:, 1:].size),
+        "reference": evaluate_loss(reference, windows),
+        "inherited": evaluate_loss(surgery.select_layers(reference, kept), windows),
+        "bridged": evaluate_loss(model, windows),
+    }

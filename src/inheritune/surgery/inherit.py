@@ -29,6 +29,7 @@ from inheritune.analysis.selection import SelectConfig, kept_for_depth, kept_lay
 from inheritune.config import ConfigError, nested, save_resolved, validate_numbers
 from inheritune.models.arch import get_arch
 from inheritune.surgery import bridge as _bridge
+from inheritune.surgery.auto import choose_auto, format_candidates
 from inheritune.surgery.bridge import BridgeConfig
 from inheritune.surgery.build import (
     FRESH_PARTS,
@@ -125,6 +126,11 @@ class InheritConfig:
         bridging = self.bridging.bridge != "none"  # BridgeConfig validated its own fields
         if self.export_mergekit and (self.fresh or bridging):
             raise ConfigError("--export-mergekit copies reference layers only: no --fresh/--bridge")
+        if self.selection.rule == "auto" and (self.parts != "block" or self.fresh):
+            raise ConfigError(
+                "--select auto scores the reference's own layers as inherited: it needs "
+                "--parts block and no --fresh"
+            )
         if bridging and (self.parts != "block" or self.fresh):
             raise ConfigError(
                 "--bridge block is fitted to the reference's own blocks, embeddings, final "
@@ -189,27 +195,39 @@ def inherit(cfg: InheritConfig) -> Path:
         trust_remote_code=cfg.trust_remote_code,
     )
     ref = loaded.model
-    spans = cfg.bridging.bridge_spans if bridging else None
-    choice = choose_layers(ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.seed, spans)
-    indices, scores = choice.kept, choice.scores
-    bridged = None
-    if bridging:
-        if not choice.bridged:
-            raise ConfigError("--bridge block: the selection leaves no removed span to bridge")
-        target, bridged = _bridge.bridge_on_corpus(
-            ref,
-            indices,
-            loaded.tokens,
-            cfg.bridging,
-            cfg.seed,
-            cfg.eval_tokens,
-            cfg.eval_seq_len,
-            bridged=choice.bridged,
+    auto = None
+    if cfg.selection.rule == "auto":  # every rule's start built and scored; the best kept
+        auto = choose_auto(
+            ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.bridging, cfg.seed
         )
+        print(format_candidates(auto))
+        indices, scores, target, bridged = auto.kept, auto.scores, auto.model, auto.bridge_stats
+        if bridged is not None and cfg.eval_tokens > 0:
+            bridged["validation"] = _bridge.validation_record(
+                ref, target, indices, loaded.tokens, cfg.eval_tokens, cfg.eval_seq_len
+            )
     else:
-        target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
-        if cfg.fresh:
-            target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
+        spans = cfg.bridging.bridge_spans if bridging else None
+        choice = choose_layers(ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.seed, spans)
+        indices, scores = choice.kept, choice.scores
+        bridged = None
+        if bridging:
+            if not choice.bridged:
+                raise ConfigError("--bridge block: the selection leaves no removed span to bridge")
+            target, bridged = _bridge.bridge_on_corpus(
+                ref,
+                indices,
+                loaded.tokens,
+                cfg.bridging,
+                cfg.seed,
+                cfg.eval_tokens,
+                cfg.eval_seq_len,
+                bridged=choice.bridged,
+            )
+        else:
+            target = select_layers(ref, indices, parts=cfg.parts, seed=cfg.seed)
+            if cfg.fresh:
+                target = fresh_parts(target, cfg.fresh, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out)
@@ -222,6 +240,7 @@ def inherit(cfg: InheritConfig) -> Path:
         "reference_layers": get_arch(ref).num_layers,
         "kept_layers": indices,
         "select": cfg.selection.select,
+        "auto": None if auto is None else auto.record(),
         "layer_scores": None if scores is None else asdict(scores),
         "layer_numbering": LAYER_NUMBERING,
         "parts": cfg.parts,
