@@ -11,8 +11,10 @@ and bridges are fitted on the TRAINING split of ``--data`` (default ``brown``: i
 samples stay unseen); the evaluation sets are Brown's held-out samples, Shakespeare's validation
 split and all of botchan, 64 fixed windows of 128 tokens each (the demo's windows).
 
-Each finished row is appended to ``--out`` (JSONL) at once and skipped on a rerun, so a stopped
-run resumes. The CPU is recorded with every row.
+Each row is also scored on fixed windows of the TRAINING split of ``--data``: a choice between
+rows (e.g. of ``--bridge-input``) is made there, never on the held-out sets. Each finished row is
+appended to ``--out`` (JSONL) at once and skipped on a rerun, so a stopped run resumes. The CPU
+is recorded with every row.
 
     .venv/bin/python benchmarks/zero_shot_select.py --out benchmarks/results/zero-shot-select.jsonl
 """
@@ -34,20 +36,65 @@ from inheritune.training.monitor import cpu_info
 
 SETS = {"brown (held out)": "brown", "shakespeare (val)": "shakespeare", "botchan (all)": "botchan"}
 ROWS = {
-    "first-19 + top bridge": {"select": "first", "bridge": "block"},
-    "bi + bridge at every seam": {"select": "bi", "bridge": "block"},
-    "auto + bridge at every seam": {"select": "auto", "bridge": "block"},
+    # measured when --calib-tokens defaulted to 8192 (now 32768): stated, so a rerun is the same
+    "first-19 + top bridge": {"select": "first", "bridge": "block", "calib_tokens": 8192},
+    "bi + bridge at every seam": {"select": "bi", "bridge": "block", "calib_tokens": 8192},
+    "auto + bridge at every seam": {"select": "auto", "bridge": "block", "calib_tokens": 8192},
+    # the same bridges fitted from the reference's streams and from the smaller model's own
+    # (--bridge-input), each also scored on training-split windows, where the choice is made
+    "bi + bridge at every seam, reference input": {
+        "select": "bi",
+        "bridge": "block",
+        "bridge_input": "reference",
+        "calib_tokens": 8192,
+    },
+    "bi + bridge at every seam, pruned input": {
+        "select": "bi",
+        "bridge": "block",
+        "bridge_input": "pruned",
+        "calib_tokens": 8192,
+    },
+    # the final-norm refit (off by default: benchmarks/results/bridge.md) and twice the
+    # calibration tokens, on the same training-split windows
+    "bi + bridge at every seam, final-norm refit": {
+        "select": "bi",
+        "bridge": "block",
+        "norm_iters": 20,
+        "norm_windows": 16,
+        "calib_tokens": 8192,
+    },
+    "bi + bridge at every seam, 16K calibration tokens": {
+        "select": "bi",
+        "bridge": "block",
+        "calib_tokens": 16384,
+    },
+    "bi + bridge at every seam, 32K calibration tokens": {
+        "select": "bi",
+        "bridge": "block",
+        "calib_tokens": 32768,
+    },
+    "first-19 + top bridge, 32K calibration tokens": {
+        "select": "first",
+        "bridge": "block",
+        "calib_tokens": 32768,
+    },
     "first-20, no bridge": {"select": "first", "bridge": "none"},
     "bi-20, no bridge": {"select": "bi", "bridge": "none"},
 }
 
 
-def eval_sets(tokenizer, seq_len: int, tokens: int) -> dict:
+TRAIN_SET = "brown (training-split windows)"  # what a choice between rows may be made on
+TRAIN_SEED = 4242  # apart from the score, calibration and auto windows' seeds
+
+
+def eval_sets(tokenizer, seq_len: int, tokens: int, corpus: str) -> dict:
     out = {}
     for label, name in SETS.items():
         whole = name == "botchan"  # botchan is all held out; the others have their own splits
         t = data.load_tokens(name, tokenizer, val_fraction=1.0 if whole else 0.05)
         out[label] = data.eval_windows(t, seq_len, tokens)
+    train = data.load_tokens(corpus, tokenizer).train
+    out[TRAIN_SET] = data.sample_windows(train, tokens // seq_len, seq_len, TRAIN_SEED)
     return out
 
 
@@ -65,7 +112,7 @@ def main() -> None:
     if args.out.is_file():
         done = {json.loads(line)["row"] for line in args.out.read_text().splitlines() if line}
     tokenizer = models.load_tokenizer("smollm2-135m")
-    sets = eval_sets(tokenizer, args.seq_len, args.eval_tokens)
+    sets = eval_sets(tokenizer, args.seq_len, args.eval_tokens, args.data)
     machine = cpu_info()
 
     def record(row: str, model_dir: str, extra: dict) -> None:
@@ -78,8 +125,9 @@ def main() -> None:
             f.write(json.dumps(line) + "\n")
         print(row, {k: round(v, 3) for k, v in losses.items()}, flush=True)
 
-    if "reference" not in done:
-        record("reference", "smollm2-135m", {})
+    for row in ("reference", "reference, with training-split windows"):
+        if row not in done and (row == "reference" or "reference" in done):
+            record(row, "smollm2-135m", {})
     for row, knobs in ROWS.items():
         if row in done:
             continue
@@ -100,8 +148,8 @@ def main() -> None:
             bridges = (prov.get("bridge") or {}).get("bridges", [])
             extra = {
                 "command": f"inheritune inherit --num-layers {args.layers} --data {args.data} "
-                f"--score-windows {args.score_windows} --select {knobs['select']} "
-                f"--bridge {knobs['bridge']}",
+                f"--score-windows {args.score_windows} "
+                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in knobs.items()),
                 "kept": prov["kept_layers"],
                 "bridged_spans": [b["span"] for b in bridges],
                 "auto": prov.get("auto"),

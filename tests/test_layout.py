@@ -21,6 +21,7 @@ LAYERS = [
     {"analysis"},
     {"surgery"},
     {"training"},
+    {"export"},
     {"recipe", "compare", "presets"},
     {"evaluate"},
     {"cli", "__main__"},

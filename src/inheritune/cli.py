@@ -68,6 +68,12 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         "inheritune.evaluate", "EvalConfig", "evaluate", "downstream zero-shot tasks and perplexity"
     ),
+    "export": Command(
+        "inheritune.export.command",
+        "ExportConfig",
+        "export",
+        "write a checkpoint as a GGUF file for llama.cpp and Ollama",
+    ),
 }
 
 

@@ -21,9 +21,9 @@ L = 4  # reference depth
 K = 2  # inherited depth
 
 
-def reference(arch: str, **kw) -> torch.nn.Module:
+def reference(arch: str, layers: int = L, **kw) -> torch.nn.Module:
     """A tiny model whose every tensor differs from a fresh init (norms are not all ones)."""
-    model = tiny_model(arch, layers=L, **kw)
+    model = tiny_model(arch, layers=layers, **kw)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -192,6 +192,38 @@ def test_a_bridge_at_every_seam(arch, kept, spans, layout, tmp_path):
     cached = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
     plain = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_bridge_input_pruned_fits_each_bridge_on_the_smaller_models_stream(monkeypatch):
+    """--bridge-input pruned: the deeper bridge is fitted from the stream the smaller model
+    itself gives there (the bridge below already fitted), not the reference's; the first
+    bridge sees the same stream either way."""
+    ref = reference("llama", layers=6)
+    seen: dict[str, list[torch.Tensor]] = {"reference": [], "pruned": []}
+    real = bridge.fit_bridge
+
+    def spy(model, h_l, h_L, **kw):
+        seen[mode].append(h_l.clone())
+        return real(model, h_l, h_L, **kw)
+
+    monkeypatch.setattr(bridge, "fit_bridge", spy)
+    cfg = {**CFG, "norm_iters": 0, "bridge_steps": 5}
+    kept = [0, 3]  # spans [1, 3) and [4, 6): two bridges, the second above the first
+    for mode in ("reference", "pruned"):
+        model, stats = bridge.build_bridged(
+            ref, kept, windows(), bridge.BridgeConfig(**cfg, bridge_input=mode)
+        )
+        assert stats["bridge_input"] == mode
+    torch.testing.assert_close(seen["pruned"][0], seen["reference"][0])
+    assert not torch.allclose(seen["pruned"][1], seen["reference"][1])
+    ids = windows()[:-2]  # the fit windows: the model's own stream entering its block 3
+    want = activations.collect_streams(model, ids, [3])[3]
+    positions = [b["position"] for b in stats["bridges"]]
+    assert positions == [1, 3] and not stats["bridges"][0]["kept_start"]
+    # the pruned model's stream with the first bridge as fitted (the second does not change it)
+    torch.testing.assert_close(seen["pruned"][1], want)
+    with pytest.raises(ConfigError, match="--bridge-input must be one of reference, pruned"):
+        bridge.BridgeConfig(bridge_input="own")
 
 
 def test_bridge_spans_limits_the_bridges():

@@ -106,7 +106,9 @@ def score_windows(train: np.ndarray, cfg: SelectConfig, seed: int) -> np.ndarray
     """The layer scores' calibration windows, at seeded random positions of a TRAINING split."""
     from inheritune.data.windows import sample_windows
 
-    return sample_windows(train, cfg.score_windows, cfg.score_seq_len, seed)
+    return sample_windows(
+        train, cfg.score_windows, cfg.score_seq_len, seed, "training", "--score-seq-len"
+    )
 
 
 @dataclass

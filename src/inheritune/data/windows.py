@@ -17,20 +17,31 @@ from inheritune.data.sources import DataError
 from inheritune.data.tokens import Tokens
 
 
-def check_length(split: np.ndarray, seq_len: int, what: str, min_windows: int = 1) -> None:
-    """Raise unless ``split`` holds ``min_windows`` windows of ``seq_len`` tokens."""
+def check_length(
+    split: np.ndarray, seq_len: int, what: str, min_windows: int = 1, flag: str = "--seq-len"
+) -> None:
+    """Raise unless ``split`` holds ``min_windows`` windows of ``seq_len`` tokens (``flag``: the
+    setting the message names)."""
     if len(split) == 0:
         raise DataError(f"the {what} split is empty: the corpus has too little text")
     if len(split) < seq_len * min_windows:
         raise DataError(
             f"the {what} split has {len(split)} tokens, fewer than {min_windows} window(s) of "
-            f"--seq-len {seq_len}; use a shorter --seq-len or more data"
+            f"{flag} {seq_len}; use a shorter {flag} or more data"
         )
 
 
-def sample_windows(split: np.ndarray, num: int, seq_len: int, seed: int) -> np.ndarray:
-    """``num`` windows of ``seq_len`` tokens at random (seeded) start positions: (num, seq_len)."""
-    check_length(split, seq_len, "sampled")
+def sample_windows(
+    split: np.ndarray,
+    num: int,
+    seq_len: int,
+    seed: int,
+    what: str = "sampled",
+    flag: str = "--seq-len",
+) -> np.ndarray:
+    """``num`` windows of ``seq_len`` tokens at random (seeded) start positions: (num, seq_len);
+    ``what`` and ``flag`` name the split and the setting in the error on a split too short."""
+    check_length(split, seq_len, what, flag=flag)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(split) - seq_len + 1, size=num)
     return np.stack([np.asarray(split[s : s + seq_len], dtype=np.int64) for s in starts])

@@ -26,6 +26,7 @@ from inheritune.config import (
     nested,
     validate_numbers,
 )
+from inheritune.export import gguf as gguf_export
 from inheritune.surgery import build as surgery
 from inheritune.surgery.bridge import BridgeConfig
 from inheritune.training import checkpoint as ckpt
@@ -38,6 +39,8 @@ TARGETS = ("reference", "trained-reference", "scratch-reference")
 RESUMABLE_CHANGES = frozenset(
     {
         "out",
+        "export_gguf",
+        "export_outtype",
         "max_rounds",
         "max_depth",
         "min_rounds",
@@ -163,6 +166,17 @@ class RecipeConfig:
             "choices": TARGETS,
         },
     )
+    export_gguf: str | None = field(
+        default=None,
+        metadata=_h(
+            "also write the final model as this GGUF file for llama.cpp and Ollama "
+            "(inheritune export; overwritten on a rerun)"
+        ),
+    )
+    export_outtype: str = field(
+        default="f16",
+        metadata=_h("tensor type of --export-gguf's matrices", choices=gguf_export.OUTTYPES),
+    )
     extra_eval: str | None = field(
         default=None,
         metadata=_h(
@@ -189,6 +203,11 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         validate_numbers(self)  # finite, in range, of the declared type (config.py)
+        if self.export_outtype not in gguf_export.OUTTYPES:
+            raise ConfigError(
+                f"--export-outtype must be one of {', '.join(gguf_export.OUTTYPES)}, got "
+                f"{self.export_outtype!r}"
+            )
         self.init_depth = str(self.init_depth).strip()
         if self.init_depth not in ("half", "analysis") and (
             not self.init_depth.isdigit() or int(self.init_depth) < 1

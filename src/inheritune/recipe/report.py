@@ -410,7 +410,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"warm-up): target {speed['target_tokens_per_s']:,.0f} tok/s, reference "
             f"{speed['reference_tokens_per_s']:,.0f} tok/s ({speed['speedup']:.2f}x)"
         )
-    lines += [f"- final model (Hugging Face folder): `{final['model_dir']}`", ""]
+    lines += [f"- final model (Hugging Face folder): `{final['model_dir']}`"]
+    if final.get("gguf"):
+        lines.append(f"- the same as one GGUF file for llama.cpp and Ollama: `{final['gguf']}`")
+    lines += [""]
     lines += _layers_section(report)
     lines += _phase_times(report)
     lines += _machine_section(report)

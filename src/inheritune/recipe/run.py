@@ -58,6 +58,7 @@ from inheritune.analysis.selection import (
 )
 from inheritune.config import ConfigError, save_resolved, to_dict
 from inheritune.data import inputs
+from inheritune.export.gguf import write_gguf
 from inheritune.models import loading as models
 from inheritune.models import losses
 from inheritune.models.arch import get_arch
@@ -581,6 +582,10 @@ def run(cfg: RecipeConfig) -> RecipeResult:
     _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
     rounds, stop_reason = _rounds(job, init, max_depth, target_loss)
     final_dir, speed = _final_model(job, rounds[-1])
+    exported = None
+    if cfg.export_gguf and env.is_main:  # before the report, which names the file
+        exported = str(write_gguf(final_dir, cfg.export_gguf, cfg.export_outtype, force=True))
+        _log(f"GGUF ({cfg.export_outtype}): {exported}")
     report = build_report(
         cfg=to_dict(job.cfg),
         state={
@@ -599,7 +604,12 @@ def run(cfg: RecipeConfig) -> RecipeResult:
         },
         depths={"init_mode": cfg.init_depth, "init": init, "max": max_depth},
         eval_windows=len(windows),
-        final={"stop_reason": stop_reason, "model_dir": _rel(final_dir, out), "speed": speed},
+        final={
+            "stop_reason": stop_reason,
+            "model_dir": _rel(final_dir, out),
+            "speed": speed,
+            "gguf": exported,
+        },
         seconds=time.perf_counter() - t_start,
     )
     md = out / "report.md"

@@ -68,7 +68,9 @@ class AutoChoice:
 def auto_windows(train: np.ndarray, cfg: SelectConfig, seed: int) -> np.ndarray:
     """The windows every candidate is scored on: (auto_windows, score_seq_len + 1) tokens of the
     TRAINING split, seeded apart from the score windows."""
-    return sample_windows(train, cfg.auto_windows, cfg.score_seq_len + 1, seed + AUTO_SEED_OFFSET)
+    seed += AUTO_SEED_OFFSET
+    n, t = cfg.auto_windows, cfg.score_seq_len + 1
+    return sample_windows(train, n, t, seed, "training", "--score-seq-len (+1)")
 
 
 def choose_auto(

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from inheritune.analysis.selection import bridged_spans, check_indices, spans
 from inheritune.config import ConfigError, check_positive, validate_numbers
@@ -62,6 +63,7 @@ BRIDGES = ("none", "block")
 # head reads), "next" = block l (the one that followed the inherited stack), "repeat" = block
 # l-1 again.
 BRIDGE_INITS = ("last", "next", "repeat")
+BRIDGE_INPUTS = ("reference", "pruned")
 
 
 def _h(text: str, **kw: Any) -> dict[str, Any]:
@@ -91,14 +93,28 @@ class BridgeConfig:
             choices=BRIDGE_INITS,
         ),
     )
+    bridge_input: str = field(
+        default="reference",
+        metadata=_h(
+            "the stream each bridge is fitted from: reference (the reference's own, where its "
+            "span starts) or pruned (the smaller model's own there, earlier bridges fitted "
+            "first, so each bridge also corrects the seams below it); the target is always "
+            "the reference's stream where the span ends",
+            choices=BRIDGE_INPUTS,
+        ),
+    )
     bridge_spans: int = field(
         default=0,
         metadata=_h(
             "bridge only the N longest removed spans of a selection (0: every span gets one)"
         ),
     )
+    # 32K, not 8K: on SmolLM2 at 20 layers the start on Brown's TRAINING-split windows went
+    # 4.789 (8K) -> 4.681 (16K) -> 4.627 (32K) with Block Influence + 3 bridges, and the first
+    # 19 + top bridge gained 0.21 on held-out Brown, for ~1.7x the build time
+    # (benchmarks/results/zero-shot-select.md).
     calib_tokens: int = field(
-        default=8192, metadata=_h("training-split tokens whose activations fit the bridge")
+        default=32768, metadata=_h("training-split tokens whose activations fit the bridge")
     )
     calib_seq_len: int = field(default=128, metadata=_h("tokens per calibration window"))
     # Defaults chosen on held-out TRAINING windows (benchmarks/results/bridge.md): lr 3e-4 /
@@ -126,6 +142,11 @@ class BridgeConfig:
         if self.bridge_init not in BRIDGE_INITS:
             raise ConfigError(
                 f"--bridge-init must be one of {', '.join(BRIDGE_INITS)}, got {self.bridge_init!r}"
+            )
+        if self.bridge_input not in BRIDGE_INPUTS:
+            raise ConfigError(
+                f"--bridge-input must be one of {', '.join(BRIDGE_INPUTS)}, got "
+                f"{self.bridge_input!r}"
             )
         check_positive("calib_seq_len", self.calib_seq_len)
         if self.calib_seq_len < 2:
@@ -287,9 +308,10 @@ def fit_bridge(
     gain: torch.Tensor | None = None,
     seed: int = 0,
     position: int | None = None,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """Fit ``model``'s block ``position`` (default: the last) in place so that it maps ``h_l``
-    (n, T, D) to ``h_L``.
+    (n, T, D) to ``h_L`` (``desc``: a progress bar of that name).
 
     AdamW (betas 0.9/0.95, no weight decay: the start is a trained block), 10% linear warm-up,
     cosine decay to 0, gradient clip 1.0, on random batches of ``batch_size`` cached windows;
@@ -329,7 +351,7 @@ def fit_bridge(
     gen = torch.Generator().manual_seed(seed)
     b = min(batch_size, len(h_l))
     g = gain.to(device)
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
         scale = (
             (step + 1) / warmup
             if step < warmup
@@ -371,7 +393,9 @@ def calibration_windows(train: np.ndarray, cfg: BridgeConfig, seed: int = 0) -> 
     at seeded random positions of a TRAINING split (never the validation split)."""
     from inheritune.data import windows as data
 
-    return data.sample_windows(train, cfg.calib_windows, cfg.calib_seq_len, seed)
+    return data.sample_windows(
+        train, cfg.calib_windows, cfg.calib_seq_len, seed, "training", "--calib-seq-len"
+    )
 
 
 def build_bridged(
@@ -412,14 +436,18 @@ def build_bridged(
         )
     wall, cpu = time.perf_counter(), time.process_time()
     hold = max(1, len(ids) // 8)
-    streams = collect_streams(reference, ids, sorted({d for gap in gaps for d in gap}))
+    pruned = cfg.bridge_input == "pruned"
+    need = {b for _, b in gaps} if pruned else {d for gap in gaps for d in gap}
+    streams = collect_streams(reference, ids, sorted(need))
     seconds_states = time.process_time() - cpu
     center = _centers(reference)
     gain = _gain(reference)
     model, positions, sources = add_bridges(reference, kept, gaps, cfg.bridge_init, seed=seed)
     bridges = []
     for (a, b), pos, src in zip(gaps, positions, sources, strict=True):
-        h_in, h_out = streams[a], streams[b]
+        # pruned: the smaller model's own stream entering the bridge (the bridges below fitted)
+        h_in = collect_streams(model, ids, [pos])[pos] if pruned else streams[a]
+        h_out = streams[b]
         lin, r2_fit = fit_linear_map(h_in[:-hold], h_out[:-hold], center)
         fit = fit_bridge(
             model,
@@ -432,6 +460,7 @@ def build_bridged(
             gain=gain,
             seed=seed,
             position=pos,
+            desc=f"bridge {len(bridges) + 1}/{len(gaps)} (layers {a}-{b - 1})",
         )
         bridges.append(
             {
@@ -462,6 +491,7 @@ def build_bridged(
     stats = {
         "bridge": cfg.bridge,
         "bridge_init": cfg.bridge_init,
+        "bridge_input": cfg.bridge_input,
         "kept_layers": len(kept),
         "kept": kept,
         "layers": len(kept) + len(bridges),
