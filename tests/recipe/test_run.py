@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -292,7 +293,9 @@ def test_warm_growth_starts_round_two_from_round_one(tiny_run, monkeypatch):
     assert "growth mode `warm`" in res.report_md.read_text()
 
 
-def test_distillation_uses_the_reference_as_teacher(tiny_run, monkeypatch):
+@pytest.mark.parametrize("select", ["first", "bi"])
+def test_distillation_uses_the_reference_as_teacher(select, tiny_run, monkeypatch):
+    """Distillation from the whole reference works with any selection (and its bridges)."""
     teachers = []
     real = train_mod.train_model
 
@@ -301,9 +304,13 @@ def test_distillation_uses_the_reference_as_teacher(tiny_run, monkeypatch):
         return real(model, tokenizer, tokens, cfg, teacher, desc, extra_eval)
 
     monkeypatch.setattr(recipe, "train_model", spy)
-    recipe.run(tiny_run(distill_alpha=0.4, min_rounds=1, max_rounds=1))
+    knobs = {"select": select, "score_windows": 3, "score_seq_len": 16}
+    if select == "bi":
+        knobs |= {"bridge": "block", "bridge_steps": 2, "calib_tokens": 64, "calib_seq_len": 16}
+    res = recipe.run(tiny_run(distill_alpha=0.4, min_rounds=1, max_rounds=1, **knobs))
     assert len(teachers) == 1 and teachers[0] is not None
     assert teachers[0].config.num_hidden_layers == 6
+    assert math.isfinite(res.report["rounds"][0]["val_loss"])
 
 
 def test_trained_reference_target(tiny_run, monkeypatch):
