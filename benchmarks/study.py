@@ -347,13 +347,16 @@ def report(args) -> Path:
     md.write_text("\n".join(lines))
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.4 * len(rows) + 2.5), sharey=True)
     y = np.arange(len(rows))
-    for ax, name in zip(axes, SETS, strict=True):
-        ax.barh(y - 0.2, [r["start"][name] for r in rows], 0.4, label="start", color="#bbb")
-        ax.barh(y + 0.2, [r["end"][name] for r in rows], 0.4, label="end", color="#2a6")
+    for ax, name in zip(axes, SETS, strict=True):  # start -> end per row, the reference dashed
+        start, end = [r["start"][name] for r in rows], [r["end"][name] for r in rows]
+        ax.hlines(y, np.minimum(start, end), np.maximum(start, end), color="#999", lw=1)
+        ax.plot(start, y, "o", color="#bbb", label="start (zero-shot)")
+        ax.plot(end, y, "o", color="#2a6", label="end (trained)")
         ax.axvline(ref[name], color="k", ls="--", lw=1, label="reference")
         ax.set_title(SETS[name])
         ax.set_xlabel("loss (nats/token)")
-        ax.set_xlim(min(ref[name] - 0.3, ax.get_xlim()[0]), min(ax.get_xlim()[1], 12))
+        ax.set_xlim(min([ref[name], *end]) - 0.2, min(max([*start, *end]) + 0.2, 12))
+        ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [r["id"] for r in rows])
     axes[0].invert_yaxis()
     axes[0].legend(loc="lower right", fontsize=8)
