@@ -20,7 +20,9 @@ VER=0.3.36
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 ROWS="$WORK/rows.jsonl"
-: > "$ROWS"
+touch "$ROWS"  # finished rows are kept: a rerun measures only what is missing
+# llama.cpp's converter imports sentencepiece even for byte-level BPE tokenizers
+$PY -c "import sentencepiece" 2>/dev/null || $PY -m pip install -q sentencepiece
 
 if [ ! -x "$WORK/build/bin/llama-perplexity" ]; then
   $PY -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$WORK/sdist"
@@ -39,9 +41,10 @@ if [ ! -f "$MODEL/config.json" ]; then
     --bridge block --data brown --out "$MODEL"
 fi
 REF=$($PY -c "from inheritune.models import loading as m; print(m.resolve_model('smollm2-135m').path)")
-$PY benchmarks/gguf_check.py text --out "$WORK/brown.txt"
+[ -s "$WORK/brown.txt" ] || $PY benchmarks/gguf_check.py text --out "$WORK/brown.txt"
 MACHINE=$($PY -c "import json; from inheritune.training.monitor import cpu_info; print(json.dumps(cpu_info()))")
 
+have() { grep -q "\"model\": \"$1\", \"file\": \"$2\"" "$ROWS"; }
 row() {  # model-label file-label ppl
   printf '{"model": "%s", "file": "%s", "ppl": %s, "machine": %s}\n' "$1" "$2" "$3" "$MACHINE" >> "$ROWS"
   echo "$1 / $2: PPL $3"
@@ -54,14 +57,16 @@ lcpp_ppl() {
 
 for pair in "target:$MODEL" "reference:$REF"; do
   label=${pair%%:*}; folder=${pair#*:}
-  row "$label" transformers "$($PY benchmarks/gguf_check.py hf-ppl --model "$folder" \
-    --text "$WORK/brown.txt" --ctx $CTX --chunks $CHUNKS | awk '{print $NF}')"
+  have "$label" transformers || row "$label" transformers "$($PY benchmarks/gguf_check.py \
+    hf-ppl --model "$folder" --text "$WORK/brown.txt" --ctx $CTX --chunks $CHUNKS | awk '{print $NF}')"
   for t in f32 f16 q8_0; do
+    have "$label" "inheritune export $t" && continue
     f="$WORK/$label-ours-$t.gguf"
     $PY -m inheritune export --model "$folder" --gguf "$f" --outtype $t --force > /dev/null
     row "$label" "inheritune export $t" "$(lcpp_ppl "$f")"
   done
   for t in f32 f16; do
+    have "$label" "llama.cpp convert $t" && continue
     f="$WORK/$label-llamacpp-$t.gguf"
     PYTHONPATH="$LCPP/gguf-py" $PY "$LCPP/convert_hf_to_gguf.py" "$folder" --outfile "$f" \
       --outtype $t > "$f.convert.log" 2>&1 || { tail -5 "$f.convert.log"; exit 1; }
