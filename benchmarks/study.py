@@ -370,7 +370,7 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     """The plain verdict: the best 20-layer Brown row on the training-split windows, its margin
     over the next, against the seed spread where two seeds exist."""
     base = [r for r in rows if r["layers"] == 20 and r["data"] == "brown" and not r["distill"]]
-    base = [r for r in base if r["seed"] == 0]
+    base = [r for r in base if r["seed"] == 0 and not r.get("same_as")]  # auto = its twin
     if len(base) < 2:
         return ["Too few rows for a verdict yet."]
     ranked = sorted(base, key=selection_loss)
