@@ -65,7 +65,7 @@ def test_every_rule_is_scored_and_the_lowest_kept(tokens):
     assert choice.kept == best["kept"] and choice.rule == (best["same_as"] or best["rule"])
     assert get_arch(choice.model).num_layers == 3
     assert sum(c["chosen"] for c in choice.candidates) >= 1
-    assert "chosen: " + choice.rule in auto.format_candidates(choice)
+    assert "chosen: " + choice.rule in auto.format_candidates(choice.record())
     md = "\n".join(auto.candidates_markdown(choice.record()))
     assert f"**{choice.rule}**" in md and "4 windows of 16 tokens of the training split" in md
 

@@ -111,6 +111,19 @@ def score_windows(train: np.ndarray, cfg: SelectConfig, seed: int) -> np.ndarray
     )
 
 
+def selection_scores(
+    reference: nn.Module, tokens, cfg: SelectConfig, seed: int = 0
+) -> LayerScores | None:
+    """The scores ``cfg.select`` keeps and grows by, on :func:`score_windows` of the TRAINING
+    split ``tokens.train`` (``auto``: every score, one per rule); None for a rule that needs
+    none (``tokens`` is then not read)."""
+    if not cfg.needs_scores:
+        return None
+    need = [SCORE_OF[cfg.rule]] if cfg.rule in SCORE_OF else sorted(set(SCORE_OF.values()))
+    windows = score_windows(tokens.train, cfg, seed)
+    return layer_scores(reference, windows, need, cfg.angular_tokens)
+
+
 @dataclass
 class Choice:
     """What a selection chose: the kept reference layers, the removed spans that get a bridge
@@ -119,11 +132,6 @@ class Choice:
     kept: list[int]
     bridged: list[tuple[int, int]] = field(default_factory=list)
     scores: LayerScores | None = None
-
-    @property
-    def depth(self) -> int:
-        """Layers of the model built from it, bridges included."""
-        return len(self.kept) + len(self.bridged)
 
 
 def choose_layers(
@@ -140,10 +148,7 @@ def choose_layers(
     ``bridge_spans`` None: no bridges, ``depth`` layers are kept. Otherwise ``depth`` counts the
     bridge blocks too (:func:`~inheritune.analysis.selection.kept_for_depth`; 0 bridges every
     removed span, N only the N longest)."""
-    scores = None
-    if cfg.needs_scores:
-        windows = score_windows(tokens.train, cfg, seed)
-        scores = layer_scores(reference, windows, [SCORE_OF[cfg.rule]], cfg.angular_tokens)
+    scores = selection_scores(reference, tokens, cfg, seed)
     L = get_arch(reference).num_layers
     if bridge_spans is None:
         return Choice(kept_layers(cfg.select, L, depth, scores), [], scores)

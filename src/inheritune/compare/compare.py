@@ -221,48 +221,40 @@ def run_variant(ctx: RunContext, name: str, spec: dict[str, Any]) -> dict[str, A
         evals = s1["evals"] + [{**e, "tokens": e["tokens"] + offset} for e in s2["evals"]]
         stages = [s1, s2]
         extra["loss_after_stacking"] = s2["evals"][0]["val_loss"]
-    elif name == "inheritune" and cfg.selection.rule == "auto":
-        choice = choose_auto(
-            ctx.reference,
-            ctx.tokens,
-            cfg.selection,
-            ctx.depth,
-            cfg.bridging,
-            cfg.train.seed,
-            eval_batch=cfg.train.eval_batch(),
-        )
-        print(format_candidates(choice))
-        model, kept = choice.model, choice.kept
-        info = {"layers_from": kept, "depth": ctx.depth, "select": "auto", "auto": choice.record()}
-        if choice.bridge_stats is not None:
-            info["bridge"] = extra["bridge"] = choice.bridge_stats
-        extra["auto"] = choice.record()
-        params = models.count_parameters(model)
-        s = _train_stage(
-            ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget
-        )
-        evals, stages = s["evals"], [s]
-    elif name == "inheritune" and cfg.bridging.bridge == "block":
-        sel = cfg.selection
-        scores = ctx.scores() if sel.needs_scores else None
-        kept, spans = kept_for_depth(
-            sel.select, ctx.num_layers, ctx.depth, scores, cfg.bridging.bridge_spans
-        )
-        ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
-        model, fit = bridge.build_bridged(
-            ctx.reference, kept, ids, cfg.bridging, seed=cfg.train.seed, bridged=spans
-        )
-        info = {"layers_from": kept, "depth": ctx.depth, "bridge": fit, "select": sel.select}
-        extra["bridge"] = fit
-        params = models.count_parameters(model)
-        s = _train_stage(
-            ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget
-        )
-        evals, stages = s["evals"], [s]
     else:
-        model, info = build_initial(
-            ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores, cfg.selection.select
-        )
+        if name == "inheritune" and cfg.selection.rule == "auto":
+            choice = choose_auto(
+                ctx.reference,
+                ctx.tokens,
+                cfg.selection,
+                ctx.depth,
+                cfg.bridging,
+                cfg.train.seed,
+                eval_batch=cfg.train.eval_batch(),
+            )
+            record = choice.record()
+            print(format_candidates(record))
+            model, kept = choice.model, choice.kept
+            info = {"layers_from": kept, "depth": ctx.depth, "select": "auto", "auto": record}
+            if choice.bridge_stats is not None:
+                info["bridge"] = extra["bridge"] = choice.bridge_stats
+            extra["auto"] = record
+        elif name == "inheritune" and cfg.bridging.bridge == "block":
+            sel = cfg.selection
+            scores = ctx.scores() if sel.needs_scores else None
+            kept, spans = kept_for_depth(
+                sel.select, ctx.num_layers, ctx.depth, scores, cfg.bridging.bridge_spans
+            )
+            ids = bridge.calibration_windows(ctx.tokens.train, cfg.bridging, cfg.train.seed)
+            model, fit = bridge.build_bridged(
+                ctx.reference, kept, ids, cfg.bridging, seed=cfg.train.seed, bridged=spans
+            )
+            info = {"layers_from": kept, "depth": ctx.depth, "bridge": fit, "select": sel.select}
+            extra["bridge"] = fit
+        else:
+            model, info = build_initial(
+                ctx.reference, name, ctx.depth, cfg.train.seed, ctx.scores, cfg.selection.select
+            )
         params = models.count_parameters(model)
         s = _train_stage(
             ctx, model, folder / "train", cfg.train.steps * v.budget, v, name, v.budget

@@ -46,9 +46,8 @@ import torch
 from inheritune import data, distributed
 from inheritune.analysis import analyze as analyze_mod
 from inheritune.analysis import report as analysis_report
-from inheritune.analysis.layer_scores import layer_scores, score_windows
+from inheritune.analysis.layer_scores import selection_scores
 from inheritune.analysis.selection import (
-    SCORE_OF,
     LayerScores,
     bridged_spans,
     grow,
@@ -76,7 +75,7 @@ from inheritune.recipe.report import build_report, measure_speeds, verdict_line,
 from inheritune.storage import atomic_write_json
 from inheritune.surgery import bridge
 from inheritune.surgery import build as surgery
-from inheritune.surgery.auto import choose_auto
+from inheritune.surgery.auto import choose_auto, format_candidates
 from inheritune.surgery.calibrate import calibrate_final_norm
 from inheritune.training.config import TrainConfig
 from inheritune.training.precision import choose_for_inherited
@@ -153,11 +152,9 @@ class _Job:
     def scores(self) -> LayerScores | None:
         """The scores ``--select`` keeps and grows by (None for first, keep-last and lists),
         measured once on training-split windows and cached per machine."""
-        sel = self.cfg.selection
-        if self._scores is None and sel.needs_scores:
-            windows = score_windows(self.tokens.train, sel, self.cfg.train.seed)
-            need = [SCORE_OF[sel.rule]]
-            self._scores = layer_scores(self.reference, windows, need, sel.angular_tokens)
+        if self._scores is None:
+            sel, seed = self.cfg.selection, self.cfg.train.seed
+            self._scores = selection_scores(self.reference, self.tokens, sel, seed)
         return self._scores
 
     def kept_at(self, prev: list[int] | None, depth: int) -> list[int]:
@@ -248,10 +245,8 @@ def _select_step(job: _Job, init: int) -> None:
         if not steps:  # the winner's start is round 1's: its bridges are not fitted twice
             job.prebuilt = (choice.kept, choice.model, choice.bridge_stats)
         job._scores = choice.scores
-    for c in state.auto["candidates"]:
-        same = f" (= {c['same_as']})" if c["same_as"] else ""
-        _log(f"  {'*' if c['chosen'] else ' '} {c['rule']:<10} {c['loss']:.4f}{same}")
-    _log(f"--select auto chose {state.auto['chosen']} (training-split windows)")
+    for line in format_candidates(state.auto).splitlines():
+        _log(line)
     job.cfg = replace(cfg, selection=replace(cfg.selection, select=state.auto["chosen"]))
 
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from inheritune.analysis.layer_scores import layer_scores, score_windows
+from inheritune.analysis.layer_scores import selection_scores
 from inheritune.analysis.selection import (
     RULES,
-    SCORE_OF,
     LayerScores,
     SelectConfig,
     bridged_spans,
@@ -92,10 +91,7 @@ def choose_auto(
     ``--num-layers``/``--depth``); False: ``depth`` layers are kept and the bridges come on top
     (``run``'s rounds)."""
     L = get_arch(reference).num_layers
-    need = sorted(set(SCORE_OF.values()))
-    scores = layer_scores(
-        reference, score_windows(tokens.train, cfg, seed), need, cfg.angular_tokens
-    )
+    scores = selection_scores(reference, tokens, replace(cfg, select="auto"), seed)
     windows = auto_windows(tokens.train, cfg, seed)
     bridge_on = bridging is not None and bridging.bridge != "none"
     calib = _bridge.calibration_windows(tokens.train, bridging, seed) if bridge_on else None
@@ -158,17 +154,17 @@ def choose_auto(
     )
 
 
-def format_candidates(choice: AutoChoice) -> str:
-    """The candidates as a plain-text table (one line each, the chosen one marked)."""
+def format_candidates(auto: dict[str, Any]) -> str:
+    """:meth:`AutoChoice.record` as plain text: one line a candidate, the chosen one marked."""
     lines = ["--select auto: every rule's start, mean loss on training-split windows"]
-    for c in choice.candidates:
+    for c in auto["candidates"]:
         same = f" (= {c['same_as']})" if c["same_as"] else ""
         bridges = len(c["bridged_spans"])
         lines.append(
             f"  {'*' if c['chosen'] else ' '} {c['rule']:<10} {c['loss']:.4f}  layers "
             f"{layer_ranges(c['kept'])}" + (f" + {bridges} bridge(s)" if bridges else "") + same
         )
-    lines.append(f"chosen: {choice.rule}")
+    lines.append(f"chosen: {auto['chosen']}")
     return "\n".join(lines)
 
 

@@ -200,7 +200,7 @@ def inherit(cfg: InheritConfig) -> Path:
         auto = choose_auto(
             ref, loaded.tokens, cfg.selection, cfg.num_layers, cfg.bridging, cfg.seed
         )
-        print(format_candidates(auto))
+        print(format_candidates(auto.record()))
         indices, scores, target, bridged = auto.kept, auto.scores, auto.model, auto.bridge_stats
         if bridged is not None and cfg.eval_tokens > 0:
             bridged["validation"] = _bridge.validation_record(
