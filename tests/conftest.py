@@ -28,6 +28,10 @@ VOCAB = 320  # 256 byte symbols + 3 specials + merges
 
 # A two-round `inheritune run` small enough for seconds (recipe and torchrun tests).
 TINY_RUN = {
+    # the paper's recipe, so that the rounds' layers are simply the first l; run's default
+    # (bi + a bridge at every seam) is tested where a test names it
+    "select": "first",
+    "bridge": "none",
     "init_depth": "2",
     "min_rounds": 2,
     "max_rounds": 2,

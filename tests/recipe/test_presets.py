@@ -59,6 +59,9 @@ PAPER = {
     "grow_by": 2,
     "precision": "bf16",
     "growth": "reinit",
+    "recipe": "paper",  # the paper's Algorithm 1: its first l layers, no bridge
+    "select": "first",
+    "bridge": "none",
 }
 
 
@@ -95,15 +98,22 @@ def test_gpt2_presets_follow_the_paper(name, layers, init, lr, tokens_per_step):
     assert cfg.max_depth is None or init < cfg.max_depth < layers
 
 
-def test_demo_preset_is_sized_for_the_cpu_demo():
-    path = next(p for p in PRESETS if p.stem == "demo")
+@pytest.mark.parametrize(("name", "data"), [("demo", "brown"), ("shakespeare", "shakespeare")])
+def test_demo_presets_are_sized_for_the_cpu_demo(name, data):
+    path = next(p for p in PRESETS if p.stem == name)
     cfg = dataclass_from_dict(RecipeConfig, load_yaml(path), where=str(path))
-    assert (cfg.train.model, cfg.train.data) == ("smollm2-135m", "shakespeare")
+    assert (cfg.train.model, cfg.train.data) == ("smollm2-135m", data)
+    # run's default recipe (the study's winner) beside the paper's choice of layers
+    assert (cfg.recipe, cfg.selection.select, cfg.bridging.bridge) == ("inheritune", "bi", "block")
+    assert cfg.baseline == "paper"
     assert cfg.min_rounds >= 2  # the demo always shows a growth step
-    # no precision or step count tuned to one CPU: measured, and a wall-clock budget per round
+    # no precision or step count tuned to one CPU: measured, and a wall-clock budget per training
     assert cfg.train.precision == "auto" and not cfg.train.compile
-    assert 0 < cfg.train.time_budget * cfg.max_rounds <= 10 * 60  # 12 minutes in all (#19)
-    assert recipe.choose_init_depth(cfg.init_depth, 30, None) + cfg.grow_by <= 29
+    trainings = cfg.max_rounds + 1  # the rounds and the baseline
+    assert 0 < cfg.train.time_budget * trainings <= 10 * 60  # 12 minutes in all (#19)
+    # the final round keeps at most 17 of 30 layers (+ its bridges: 20 for Block Influence)
+    assert recipe.choose_init_depth(cfg.init_depth, 30, None) + cfg.grow_by <= 17
+    assert "botchan" in cfg.extra_sets and (data == "brown") == ("brown" not in cfg.extra_sets)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -125,9 +135,11 @@ def test_preset_runs_one_step_on_a_tiny_model(path, tmp_path, tiny_folder, corpu
     res = recipe.run(cfg)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(rep["rounds"]) == 1 and rep["rounds"][0]["steps"] == 1
-    assert rep["rounds"][0]["layers"] == recipe.choose_init_depth(cfg.init_depth, 26, None) + (
-        cfg.bridging.bridge == "block"
-    )  # a bridge block adds one layer
+    first = rep["rounds"][0]
+    assert first["depth"] == recipe.choose_init_depth(cfg.init_depth, 26, None)
+    bridges = len((first.get("bridge") or {}).get("bridges", []))
+    assert (bridges > 0) == (cfg.bridging.bridge == "block")
+    assert first["layers"] == first["depth"] + bridges  # each bridge block adds one layer
     assert rep["growth"] == cfg.growth
     resolved = load_yaml(tmp_path / "run" / "config.yaml")
     assert resolved == to_dict(cfg)

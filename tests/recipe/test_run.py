@@ -497,7 +497,7 @@ def test_bridge_block_rounds(tiny_run):
     md = res.report_md.read_text()
     assert "## The bridge blocks" in md and "## Time per phase" in md
     assert "round 2: build + bridge fit" in md
-    with pytest.raises(ConfigError, match="--growth reinit"):
+    with pytest.raises(ConfigError, match="--growth warm needs --bridge none"):
         tiny_run(bridge="block", growth="warm")
 
 
@@ -530,6 +530,75 @@ def test_scored_selection_grows_by_importance_with_a_bridge_at_every_seam(tiny_r
     assert "## Layers kept" in md and "`--select bi`" in md and "in place of layers" in md
     with pytest.raises(ConfigError, match="different settings"):
         recipe.run(tiny_run(**{**knobs, "select": "lazy"}))
+
+
+def test_run_defaults_to_the_study_winner_and_the_paper_is_one_flag_away(tiny_run):
+    """run's defaults are benchmarks/results/study.md's winner (Block Influence + a bridge at
+    every seam); --recipe paper is the paper's Algorithm 1 (first l, no bridge)."""
+    cfg = build(RecipeConfig, model="m", data="d")
+    assert (cfg.recipe, cfg.selection.select, cfg.bridging.bridge) == ("inheritune", "bi", "block")
+    assert cfg.baseline == "none"
+    paper = build(RecipeConfig, model="m", data="d", recipe="paper")
+    assert (paper.selection.select, paper.bridging.bridge) == ("first", "none")
+    # its own values are accepted again: a resolved config.yaml reloads as written
+    again = build(RecipeConfig, **{**to_dict(paper)["train"], **_flat(to_dict(paper))})
+    assert (again.selection.select, again.bridging.bridge) == ("first", "none")
+    with pytest.raises(ConfigError, match="--recipe paper sets --select first; drop --select lazy"):
+        build(RecipeConfig, model="m", data="d", recipe="paper", select="lazy")
+    with pytest.raises(ConfigError, match=r"--baseline paper .* already keeps the first layers"):
+        build(RecipeConfig, model="m", data="d", recipe="paper", baseline="paper")
+    with pytest.raises(ConfigError, match="--recipe must be one of inheritune, paper"):
+        build(RecipeConfig, model="m", data="d", recipe="shortgpt")
+    with pytest.raises(ConfigError, match="--growth warm needs --bridge none"):
+        build(RecipeConfig, model="m", data="d", growth="warm")
+    # the flags show run's defaults in --help
+    fields = flag_fields(RecipeConfig)
+    assert fields["select"][2] == "bi" and fields["bridge"][2] == "block"
+
+
+def _flat(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v))
+        else:
+            out[k] = v
+    return out
+
+
+def test_baseline_paper_trains_the_first_layers_beside_the_rounds(tiny_run, monkeypatch):
+    """--baseline paper: the first (final size - 1) layers + a top bridge, one round's budget,
+    the same windows; in report.json, report.md (named) and curves.png; a rerun reuses it, and
+    a finished run without it can add it without retraining its rounds."""
+    knobs = {"select": "bi", "score_windows": 3, "score_seq_len": 16, "extra_eval": None}
+    knobs |= {"bridge": "block", "bridge_steps": 3, "calib_tokens": 128, "calib_seq_len": 16}
+    res = recipe.run(tiny_run(**knobs))  # without the baseline first
+    assert res.report["baseline"] is None and "Against the paper" not in res.report_md.read_text()
+    calls = _spy_training(monkeypatch)
+    curves: dict = {}
+    real_plot = report.plots.plot_curves
+    monkeypatch.setattr(
+        report.plots,
+        "plot_curves",
+        lambda c, path, **kw: curves.update(c) or real_plot(c, path, **kw),
+    )
+    res = recipe.run(tiny_run(**knobs, baseline="paper"))
+    assert len(calls) == 1  # the rounds were reused; only the baseline trained
+    last, b = res.report["rounds"][-1], res.report["baseline"]
+    assert b["kept"] == list(range(last["layers"] - 1)) and b["layers"] == last["layers"]
+    assert b["recipe"] == "paper" and b["tokens"] > 0 and b["bridge"]["kept_layers"] == b["depth"]
+    assert b["evals"][0]["step"] == 0 and math.isfinite(b["val_loss"])
+    assert Path(calls[0].out).name == f"paper-L{last['layers'] - 1}"
+    assert calls[0].time_budget == tiny_run(**knobs).train.time_budget  # one round's budget
+    md = res.report_md.read_text()
+    assert "## Against the paper's recipe" in md
+    assert f"| paper | layers 0-{last['layers'] - 2} + 1 bridge(s) ({last['layers']} layers)" in md
+    assert "| inheritune (bi + seam bridges) |" in md and "paper's recipe: training" in md
+    assert any(k.startswith("paper's recipe: first") for k in curves)
+    assert any(k.startswith("round 2 (bi + seam bridges)") for k in curves)
+    calls.clear()
+    again = recipe.run(tiny_run(**knobs, baseline="paper"))
+    assert calls == [] and again.report["baseline"] == b  # resumed: nothing retrained
 
 
 def test_warm_growth_of_a_selection(tiny_run):

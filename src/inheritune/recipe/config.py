@@ -33,6 +33,16 @@ from inheritune.training import checkpoint as ckpt
 from inheritune.training.config import TrainConfig
 
 GROWTH_MODES = ("reinit", "warm")
+# --recipe: inheritune (the default: the layers that matter, a bridge at every seam; the winner of
+# benchmarks/results/study.md) or paper (arXiv 2404.08634's Algorithm 1: the first l layers, no
+# bridge, growth by the next layers).
+RECIPES = ("inheritune", "paper")
+BASELINES = ("none", "paper")
+# What each --recipe sets; the inheritune values are also the flags' defaults.
+RECIPE_SETTINGS = {
+    "inheritune": {"select": "bi", "bridge": "block"},
+    "paper": {"select": "first", "bridge": "none"},
+}
 TARGETS = ("reference", "trained-reference", "scratch-reference")
 # Settings that only decide when the recipe stops or how the report is measured; a finished or
 # interrupted run may be continued with different values (e.g. a larger --max-rounds).
@@ -55,6 +65,7 @@ RESUMABLE_CHANGES = frozenset(
         "log_every",
         "dist_timeout",
         "tensorboard",
+        "baseline",  # an extra training beside the rounds: a finished run may add it
     }
 )
 
@@ -137,7 +148,28 @@ class RecipeConfig:
     )
     # --select: which reference layers a round keeps (first: the paper's first l), and growth
     # adds back the dropped layers the rule ranks highest (inheritune.analysis.selection)
-    selection: SelectConfig = nested(SelectConfig)  # noqa: RUF009 (nested() returns a field)
+    recipe: str = field(
+        default="inheritune",
+        metadata={
+            "help": "inheritune: keep the layers that matter (--select bi) with a fitted bridge "
+            "at every seam (--bridge block), the winner of benchmarks/results/study.md; paper: "
+            "the paper's Algorithm 1 (--select first --bridge none: the first l layers, growth "
+            "by the next ones)",
+            "choices": RECIPES,
+        },
+    )
+    baseline: str = field(
+        default="none",
+        metadata={
+            "help": "paper: also train the paper's choice of layers (the first ones, with this "
+            "run's --bridge) at the final round's size and with one round's budget, on the same "
+            "windows, and show it beside the rounds in the report and its plot",
+            "choices": BASELINES,
+        },
+    )
+    selection: SelectConfig = nested(  # noqa: RUF009 (nested() returns a dataclasses.field)
+        SelectConfig, overrides={"select": RECIPE_SETTINGS["inheritune"]["select"]}
+    )
     calibrate_iters: int = field(
         default=0,
         metadata=_h(
@@ -148,7 +180,9 @@ class RecipeConfig:
     calibrate_windows: int = field(
         default=4, metadata=_h("training windows of --seq-len tokens used by the calibration")
     )
-    bridging: BridgeConfig = nested(BridgeConfig)  # noqa: RUF009 (nested() returns a field)
+    bridging: BridgeConfig = nested(  # noqa: RUF009 (nested() returns a dataclasses.field)
+        BridgeConfig, overrides={"bridge": RECIPE_SETTINGS["inheritune"]["bridge"]}
+    )
     # ^ --bridge block: every round's target gets a fitted block in place of each removed span
     # of its l inherited ones (for --select first: one on top, a standard l+1-layer checkpoint;
     # inheritune.surgery.bridge). The bridge's own
@@ -218,13 +252,27 @@ class RecipeConfig:
             )
         if self.init_depth == "analysis" and not self.analysis:
             raise ConfigError("--init-depth analysis needs the analysis (drop --no-analysis)")
-        for name, choices in (("growth", GROWTH_MODES), ("target", TARGETS)):
+        for name, choices in (
+            ("growth", GROWTH_MODES),
+            ("target", TARGETS),
+            ("recipe", RECIPES),
+            ("baseline", BASELINES),
+        ):
             if getattr(self, name) not in choices:
                 raise ConfigError(
                     f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
+        self._apply_recipe()
+        if self.baseline == "paper" and self.selection.rule == "first":
+            raise ConfigError(
+                "--baseline paper trains the paper's choice of layers beside the rounds, but "
+                "this run already keeps the first layers (--select first / --recipe paper)"
+            )
         if self.bridging.bridge != "none" and self.growth == "warm":
-            raise ConfigError("--bridge block needs --growth reinit (a trained bridge cannot grow)")
+            raise ConfigError(
+                "--growth warm needs --bridge none (a trained bridge cannot grow; --bridge block "
+                "is run's default)"
+            )
         if self.parts not in surgery.PARTS:
             raise ConfigError(
                 f"--parts must be one of {', '.join(surgery.PARTS)}, got {self.parts!r}"
@@ -245,6 +293,27 @@ class RecipeConfig:
         check_positive("tolerance", self.tolerance, allow_zero=True)
         check_unit_interval("tau", self.tau)
         check_unit_interval("eta", self.eta)
+
+    def _apply_recipe(self) -> None:
+        """``--recipe paper`` sets --select first --bridge none. The defaults of those flags are
+        the inheritune recipe's, so a --select or --bridge other than a recipe's own value
+        cannot be told apart from a choice and is refused rather than overridden."""
+        if self.recipe == "inheritune":
+            return
+        own = {
+            "select": (self.selection.select, {v["select"] for v in RECIPE_SETTINGS.values()}),
+            "bridge": (self.bridging.bridge, {v["bridge"] for v in RECIPE_SETTINGS.values()}),
+        }
+        for name, (value, allowed) in own.items():
+            if value not in allowed:
+                raise ConfigError(
+                    f"--recipe {self.recipe} sets {flag(name)} "
+                    f"{RECIPE_SETTINGS[self.recipe][name]}; drop {flag(name)} {value} or "
+                    f"--recipe {self.recipe}"
+                )
+        settings = RECIPE_SETTINGS[self.recipe]
+        self.selection = replace(self.selection, select=settings["select"])
+        self.bridging = replace(self.bridging, bridge=settings["bridge"])
 
     # -- derived configs
 

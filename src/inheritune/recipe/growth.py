@@ -37,6 +37,7 @@ class RunState:
     trained_reference: dict[str, Any] | None = None
     precision: dict[str, Any] | None = None  # --precision auto: the choice and its timings
     auto: dict[str, Any] | None = None  # --select auto: every candidate's loss and the choice
+    baseline: dict[str, Any] | None = None  # --baseline paper: its training, like a round's
     rounds: list[dict[str, Any]] = field(default_factory=list)
     write: bool = True  # False on non-main ranks under torchrun
 
@@ -59,7 +60,7 @@ class RunState:
             return cls(path, spec, write=write)
         if saved.get("version") != STATE_VERSION:
             raise ConfigError(f"--out {out}: {STATE_FILE} has an unknown version")
-        keys = ("analysis", "reference", "trained_reference", "precision", "auto")
+        keys = ("analysis", "reference", "trained_reference", "precision", "auto", "baseline")
         state = cls(path, spec, **{k: saved.get(k) for k in keys}, write=write)
         state.rounds = list(saved.get("rounds", []))
         return state
@@ -74,6 +75,7 @@ class RunState:
             "trained_reference": self.trained_reference,
             "precision": self.precision,
             "auto": self.auto,
+            "baseline": self.baseline,
             "rounds": self.rounds,
         }
         storage.write_cached(self.path, self.spec, payload)

@@ -84,6 +84,7 @@ def build_report(
         "precision": state.get("precision")
         or {"precision": train["precision"], "reason": "set by --precision"},
         "auto": state.get("auto"),
+        "baseline": state.get("baseline"),
         "time_budget_per_round_s": train.get("time_budget", 0.0),
         "config_file": "config.yaml",
     }
@@ -117,11 +118,13 @@ def _machine_section(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- time budget: {budget:.0f} s per round (build, evaluations and checkpoints charged)"
         )
-    for r in report["rounds"]:
+    runs = [(f"round {r['round']}", r) for r in report["rounds"]]
+    runs += [("paper's recipe", report["baseline"])] if report.get("baseline") else []
+    for who, r in runs:
         evals = sum(e.get("seconds", 0.0) for e in r.get("evals", []))
         share = 100.0 * evals / r["wall_s"] if r.get("wall_s") else 0.0
         line = (
-            f"- round {r['round']}: {r['steps']} steps, {r['tokens']:,} tokens, "
+            f"- {who}: {r['steps']} steps, {r['tokens']:,} tokens, "
             f"{r['wall_s']:.0f} s training ({evals:.0f} s of it evaluating, {share:.1f}%)"
         )
         if r.get("mfu") is not None:
@@ -228,24 +231,102 @@ def _start(run: dict[str, Any]) -> str:
 def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     """All rounds' validation curves (x = tokens trained in that round) and the target line."""
     curves = {}
+    name = recipe_name(report)
     for r in report["rounds"]:
         evals = r.get("evals") or []
         xs = [e["tokens"] for e in evals]
-        curves[f"round {r['round']}: {r['layers']} layers"] = (xs, [e["val_loss"] for e in evals])
+        label = f"round {r['round']} ({name}): {r['layers']} layers"
+        curves[label] = (xs, [e["val_loss"] for e in evals])
         for name in evals[0].get("extra", {}) if evals else ():
             label = f"round {r['round']}: {name} (held out)"
             curves[label] = (xs, [e["extra"][name] for e in evals])
+    baseline = report.get("baseline")
+    if baseline:
+        evals = baseline.get("evals") or []
+        xs = [e["tokens"] for e in evals]
+        label = f"paper's recipe: {baseline_name(baseline)}"
+        curves[label] = (xs, [e["val_loss"] for e in evals])
+        for name in evals[0].get("extra", {}) if evals else ():
+            curves[f"paper's recipe: {name} (held out)"] = (xs, [e["extra"][name] for e in evals])
     ref = _extra_refs(report)
     more = {f"reference on {name}": loss for name, loss in ref.items()} or None
     return plots.plot_curves(
         curves,
         path,
-        title="validation loss per round",
+        title="validation loss per round" + (" and the paper's recipe" if baseline else ""),
         xlabel="tokens trained in the round",
         reference=report["target"]["val_loss"],
         reference_label=report["target"]["label"],
         more_references=more,
     )
+
+
+def recipe_name(report: dict[str, Any]) -> str:
+    """What the rounds are, in words: ``bi + seam bridges``, ``first layers (paper)``, ..."""
+    select = report.get("select", "first")
+    bridged = any(r.get("bridge") for r in report["rounds"])
+    if select == "first":
+        return "paper's recipe" + (" + top bridge" if bridged else "")
+    return f"{select}" + (" + seam bridges" if bridged else "")
+
+
+def baseline_name(b: dict[str, Any]) -> str:
+    """The baseline's layers in words: ``first 19 + top bridge (20 layers)``."""
+    extra = b["layers"] - b["depth"]
+    return f"first {b['depth']}" + (" + top bridge" if extra else "") + f" ({b['layers']} layers)"
+
+
+def _baseline_section(report: dict[str, Any]) -> list[str]:
+    """--baseline paper: the final round beside the paper's choice of layers, same size and
+    budget, on the same windows."""
+    b = report.get("baseline")
+    if not b:
+        return []
+    last, extra = report["rounds"][-1], _extra_sets(report)
+    refs = _extra_refs(report)
+    head = "".join(f" {n} (held out): start -> end |" for n in extra)
+    lines = [
+        "## Against the paper's recipe",
+        "",
+        f"`--baseline paper`: the paper's choice of layers (the reference's first ones) at the "
+        f"final round's size, trained with the same budget per round on the same windows. "
+        f"**inheritune** is this run's recipe ({recipe_name(report)}); **paper** keeps the "
+        f"first layers.",
+        "",
+        f"| recipe | layers | tokens trained | wall time (s) | val loss at start | val loss |{head}",
+        "|---|---|---|---|---|---|" + "---|" * len(extra),
+    ]
+    for who, r in ((f"inheritune ({recipe_name(report)})", last), ("paper", b)):
+        layers = f"{layer_ranges_of(r)} ({r['layers']} layers)"
+        lines.append(
+            f"| {who} | {layers} | {r['tokens']:,} | {_fmt(r['wall_s'], 0)} | {_start(r)} | "
+            f"{_fmt(r['val_loss'])} |" + "".join(f" {_extra(r, n)} |" for n in extra)
+        )
+    ref = report["reference"]
+    lines.append(
+        f"| reference (zero-shot) | {ref['layers']} | - | - | - | {_fmt(ref['val_loss'])} |"
+        + "".join(f" {_fmt(refs.get(n))} |" for n in extra)
+    )
+    diff = last["val_loss"] - b["val_loss"]
+    better = "inheritune" if diff < 0 else "the paper's recipe"
+    lines += [
+        "",
+        f"At the end, {better} is lower on this run's validation windows by {abs(diff):.4f} "
+        f"nats/token ({_fmt(last['val_loss'])} vs {_fmt(b['val_loss'])}); one seed, so a "
+        "difference of a few hundredths may be noise (benchmarks/results/study.md measured "
+        "a seed spread of up to 0.025 at 20 layers).",
+        "",
+    ]
+    return lines
+
+
+def layer_ranges_of(r: dict[str, Any]) -> str:
+    """A record's kept reference layers, as ranges, plus its bridges."""
+    from inheritune.analysis.selection import layer_ranges
+
+    kept = r.get("kept") or list(range(r["depth"]))
+    extra = r["layers"] - r["depth"]
+    return f"layers {layer_ranges(kept)}" + (f" + {extra} bridge(s)" if extra else "")
 
 
 def _extra_sets(report: dict[str, Any]) -> list[str]:
@@ -283,6 +364,10 @@ def _phase_times(report: dict[str, Any]) -> list[str]:
         if r.get("build_s") is not None:
             rows.append((f"round {r['round']}: build + {what}", r["build_s"]))
         rows.append((f"round {r['round']}: training ({r['layers']} layers)", r["wall_s"]))
+    b = report.get("baseline")
+    if b:
+        rows.append(("paper's recipe: build + bridge fit", b.get("build_s") or 0.0))
+        rows.append((f"paper's recipe: training ({b['layers']} layers)", b["wall_s"]))
     speed = report["final"].get("speed") or {}
     if speed.get("seconds") is not None:
         rows.append(("inference-speed timing", speed["seconds"]))
@@ -366,6 +451,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- target: {tgt['label']} validation loss {_fmt(tgt['val_loss'])}, "
         f"tolerance {_fmt(tgt['tolerance'])}: a round matches when its loss <= "
         f"{_fmt(tgt['val_loss'] + tgt['tolerance'])}",
+        f"- recipe: {recipe_name(report)} (`--select {report.get('select', 'first')}`"
+        + (", `--bridge block`)" if any(r.get("bridge") for r in report["rounds"]) else ")"),
         f"- steps per round: {report['steps_per_round']}",
         "",
         "| model | layers | parameters | tokens trained | wall time (s) | val loss at start "
@@ -414,6 +501,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if final.get("gguf"):
         lines.append(f"- the same as one GGUF file for llama.cpp and Ollama: `{final['gguf']}`")
     lines += [""]
+    lines += _baseline_section(report)
     lines += _layers_section(report)
     lines += _phase_times(report)
     lines += _machine_section(report)

@@ -358,7 +358,7 @@ def _train(job: _Job, model, tcfg: TrainConfig, teacher, desc: str, extra=None) 
     return result
 
 
-def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
+def _calibrate(job: _Job, model, desc: str) -> dict[str, float]:
     """Fit the final norm of a fresh target on a few training windows (inheritune.surgery.calibrate)."""
     cfg = job.cfg
     n, seq = cfg.calibrate_windows, cfg.train.seq_len + 1
@@ -366,7 +366,7 @@ def _calibrate(job: _Job, model, round_no: int) -> dict[str, float]:
     device = next(model.parameters()).device
     res = calibrate_final_norm(model, torch.from_numpy(ids).to(device), iters=cfg.calibrate_iters)
     _log(
-        f"round {round_no}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
+        f"{desc}: final-norm calibration {res['before']:.3f} -> {res['after']:.3f} "
         f"nats/token on {n} training windows ({res['seconds']:.0f} s)"
     )
     return {k: round(v, 4) for k, v in res.items()}
@@ -377,11 +377,12 @@ def _kept_of(done: dict[str, Any]) -> list[int]:
     return done.get("kept") or list(range(done.get("depth", done["layers"])))
 
 
-def _build_round_model(job: _Job, kept: list[int]):
-    """Step 3 (and the growth of step 6): the model a round starts from."""
+def _build_round_model(job: _Job, kept: list[int], fresh: bool = False):
+    """Step 3 (and the growth of step 6): the model a round starts from (``fresh``: from the
+    reference whatever the growth mode, as the baseline does)."""
     cfg, state = job.cfg, job.state
     prev = state.rounds[-1] if state.rounds else None
-    if cfg.growth == "warm" and prev is not None:
+    if cfg.growth == "warm" and prev is not None and not fresh:
         trained = models.load_model(
             str(job.out / prev["model_dir"]), trust_remote_code=cfg.train.trust_remote_code
         )
@@ -418,23 +419,21 @@ def _bridged_round_model(job: _Job, kept: list[int], rdir: Path) -> tuple[Any, d
     return model, stats
 
 
-def _run_round(job: _Job, round_no: int, kept: list[int], target_loss: float) -> dict[str, Any]:
-    """Steps 3-5 for one selection: build, (calibrate), train, compare; recorded in the run
-    state."""
+def _train_selection(
+    job: _Job, kept: list[int], rdir: Path, desc: str, fresh: bool = False
+) -> dict[str, Any]:
+    """Build the model of one selection (``kept`` reference layers, with ``--bridge block`` its
+    bridges; or warm growth unless ``fresh``), calibrate it if asked, train it in ``rdir`` with
+    one round's budget, and return its record (the rounds' and the baseline's)."""
     cfg, depth = job.cfg, len(kept)
-    _log(
-        f"round {round_no}: {depth} layers (reference layers {layer_ranges(kept)}), "
-        f"{cfg.train.steps} steps ({cfg.growth})"
-    )
-    rdir = _round_dir(job.out, round_no, depth)
     bridged, t_build = None, time.perf_counter()
     if cfg.bridging.bridge == "block":
         model, bridged = _bridged_round_model(job, kept, rdir)
     else:
-        model = _build_round_model(job, kept)
+        model = _build_round_model(job, kept, fresh)
     calibration = None
     if cfg.calibrate_iters > 0 and bridged is None and not (rdir / "checkpoints").exists():
-        calibration = _calibrate(job, model, round_no)
+        calibration = _calibrate(job, model, desc)
     params = models.count_parameters(model)  # before training: FSDP shards in place
     build_s = time.perf_counter() - t_build
     if bridged is not None:
@@ -444,16 +443,14 @@ def _run_round(job: _Job, round_no: int, kept: list[int], target_loss: float) ->
         del plain
     teacher = job.reference if cfg.train.distill_alpha > 0 else None
     layers = get_arch(model).num_layers
-    desc = f"round {round_no} ({layers} layers)"
     extra = job.extra_windows or None
     tcfg = cfg.round_train_config(rdir)
     if tcfg.time_budget > 0:  # the round's wall clock: the build is charged too
         elapsed = time.perf_counter() - t_build  # build, bridge fit, the plain model's eval
         charged = max(elapsed, (bridged or {}).get("wall_seconds", 0.0))  # resumed: the fit
         tcfg = replace(tcfg, time_budget=max(tcfg.time_budget - charged, 0.25 * tcfg.time_budget))
-    result = _train(job, model, tcfg, teacher, desc, extra)
-    done = {"round": round_no, "depth": depth, "layers": layers, "parameters": params}
-    done["kept"] = kept
+    result = _train(job, model, tcfg, teacher, f"{desc} ({layers} layers)", extra)
+    done = {"depth": depth, "layers": layers, "parameters": params, "kept": kept}
     done.update(_eval_record(result, job.out))
     done["build_s"] = build_s  # bridge fit or final-norm calibration (a resumed round: ~0)
     if extra:  # scored by the loop at its first and last evaluation
@@ -463,10 +460,59 @@ def _run_round(job: _Job, round_no: int, kept: list[int], target_loss: float) ->
         done["calibration"] = calibration
     if bridged is not None:
         done["bridge"] = bridged
+    return done
+
+
+def _run_round(job: _Job, round_no: int, kept: list[int], target_loss: float) -> dict[str, Any]:
+    """Steps 3-5 for one selection: build, (calibrate), train, compare; recorded in the run
+    state."""
+    cfg, depth = job.cfg, len(kept)
+    _log(
+        f"round {round_no}: {depth} layers (reference layers {layer_ranges(kept)}), "
+        f"{cfg.train.steps} steps ({cfg.growth})"
+    )
+    rdir = _round_dir(job.out, round_no, depth)
+    done = {"round": round_no, **_train_selection(job, kept, rdir, f"round {round_no}")}
     done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
     job.state.rounds.append(done)
     job.state.save()
     return done
+
+
+def _baseline_step(job: _Job, last: dict[str, Any], target_loss: float) -> dict[str, Any] | None:
+    """``--baseline paper``, once per run: the paper's choice of layers (the first ones, with
+    this run's ``--bridge``: then one bridge on top) at the final round's size, trained with
+    one round's budget on the same windows, so the report shows the two recipes side by side."""
+    cfg, state = job.cfg, job.state
+    if cfg.baseline != "paper":
+        return None
+    bridges = last["layers"] - last["depth"]
+    kept = list(range(last["layers"] - (1 if cfg.bridging.bridge == "block" else 0)))
+    if state.baseline is not None and state.baseline["kept"] != kept:
+        state.baseline = None  # the rounds changed (a continued run grew): train it again
+    if state.baseline is None:
+        if cfg.selection.rule == "first":  # --select auto chose it: the rounds are the paper's
+            _log("--baseline paper: the rounds already keep the first layers; nothing to add")
+            return None
+        _log(
+            f"--baseline paper: the first {len(kept)} layers"
+            + (" + a top bridge" if cfg.bridging.bridge == "block" else "")
+            + f" ({last['layers']} layers, as the final round's {last['depth']} + {bridges})"
+        )
+        rdir = job.out / "baseline" / f"paper-L{len(kept)}"
+        done = {
+            "recipe": "paper",
+            **_train_selection(job, kept, rdir, "paper's recipe", fresh=True),
+        }
+        done["matched"] = matches(done["val_loss"], target_loss, cfg.tolerance)
+        state.baseline = done
+        state.save()
+    b = state.baseline
+    _log(
+        f"paper's recipe: {b['layers']} layers, val loss {b['val_loss']:.4f} against the final "
+        f"round's {last['val_loss']:.4f}"
+    )
+    return b
 
 
 def _rounds(job: _Job, init: int, max_depth: int, target_loss: float) -> tuple[list[dict], str]:
@@ -576,6 +622,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
     target_loss, target_label = _reference_step(job)
     _log(f"target loss {target_loss:.4f} ({target_label}), tolerance {cfg.tolerance}")
     rounds, stop_reason = _rounds(job, init, max_depth, target_loss)
+    baseline = _baseline_step(job, rounds[-1], target_loss)
     final_dir, speed = _final_model(job, rounds[-1])
     exported = None
     if cfg.export_gguf and env.is_main:  # before the report, which names the file
@@ -588,6 +635,7 @@ def run(cfg: RecipeConfig) -> RecipeResult:
             "trained_reference": state.trained_reference,
             "precision": state.precision,
             "auto": state.auto,
+            "baseline": baseline,
         },
         analysis=state.analysis,
         rounds=rounds,
