@@ -45,8 +45,9 @@ REF=$($PY -c "from inheritune.models import loading as m; print(m.resolve_model(
 MACHINE=$($PY -c "import json; from inheritune.training.monitor import cpu_info; print(json.dumps(cpu_info()))")
 
 have() { grep -q "\"model\": \"$1\", \"file\": \"$2\"" "$ROWS"; }
-row() {  # model-label file-label ppl
-  printf '{"model": "%s", "file": "%s", "ppl": %s, "machine": %s}\n' "$1" "$2" "$3" "$MACHINE" >> "$ROWS"
+row() {  # model-label file-label ppl (the folder: $folder)
+  printf '{"model": "%s", "file": "%s", "ppl": %s, "folder": "%s", "machine": %s}\n' "$1" "$2" "$3" \
+    "$folder" "$MACHINE" >> "$ROWS"
   echo "$1 / $2: PPL $3"
 }
 lcpp_ppl() {
