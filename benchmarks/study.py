@@ -283,7 +283,8 @@ def run(args) -> None:
     precision = study.precision()["precision"]
     while True:
         done = read_rows(args.out)
-        todo = [r for r in plan(done) if r["id"] not in done]
+        queue = [spec(args.only)] if args.only else plan(done)
+        todo = [r for r in queue if r["id"] not in done]
         if not todo or (args.max_rows and len(done) >= args.max_rows):
             break
         row = todo[0]
@@ -419,6 +420,12 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens per evaluation set")
     ap.add_argument("--max-rows", type=int, default=0, help="stop after this many rows in all")
     ap.add_argument("--commit", action="store_true", help="git-commit --out after each row")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only this selection's 20-layer Brown row (e.g. bi with --steps 400 and "
+        "another --out: the longer row of issue #25 point 5)",
+    )
     args = ap.parse_args()
     run(args) if args.what == "run" else report(args)
 

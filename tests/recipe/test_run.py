@@ -570,8 +570,9 @@ def test_baseline_paper_trains_the_first_layers_beside_the_rounds(tiny_run, monk
     """--baseline paper: the first (final size - 1) layers + a top bridge, one round's budget,
     the same windows; in report.json, report.md (named) and curves.png; a rerun reuses it, and
     a finished run without it can add it without retraining its rounds."""
-    knobs = {"select": "bi", "score_windows": 3, "score_seq_len": 16, "extra_eval": None}
+    knobs = {"select": "bi", "score_windows": 3, "score_seq_len": 16}
     knobs |= {"bridge": "block", "bridge_steps": 3, "calib_tokens": 128, "calib_seq_len": 16}
+    knobs["extra_eval"] = tiny_run().train.data  # a second set: its curves are labelled too
     res = recipe.run(tiny_run(**knobs))  # without the baseline first
     assert res.report["baseline"] is None and "Against the paper" not in res.report_md.read_text()
     calls = _spy_training(monkeypatch)
@@ -596,6 +597,8 @@ def test_baseline_paper_trains_the_first_layers_beside_the_rounds(tiny_run, monk
     assert "| inheritune (bi + seam bridges) |" in md and "paper's recipe: training" in md
     assert any(k.startswith("paper's recipe: first") for k in curves)
     assert any(k.startswith("round 2 (bi + seam bridges)") for k in curves)
+    assert any(k.startswith("paper's recipe: ") and "(held out)" in k for k in curves)
+    assert sum("(bi + seam bridges)" in k for k in curves) == 2  # one per round
     calls.clear()
     again = recipe.run(tiny_run(**knobs, baseline="paper"))
     assert calls == [] and again.report["baseline"] == b  # resumed: nothing retrained

@@ -231,11 +231,11 @@ def _start(run: dict[str, Any]) -> str:
 def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     """All rounds' validation curves (x = tokens trained in that round) and the target line."""
     curves = {}
-    name = recipe_name(report)
+    recipe = recipe_name(report)
     for r in report["rounds"]:
         evals = r.get("evals") or []
         xs = [e["tokens"] for e in evals]
-        label = f"round {r['round']} ({name}): {r['layers']} layers"
+        label = f"round {r['round']} ({recipe}): {r['layers']} layers"
         curves[label] = (xs, [e["val_loss"] for e in evals])
         for name in evals[0].get("extra", {}) if evals else ():
             label = f"round {r['round']}: {name} (held out)"
