@@ -524,12 +524,37 @@ def test_scored_selection_grows_by_importance_with_a_bridge_at_every_seam(tiny_r
         spans = selection.spans(r["kept"], 6)
         assert [tuple(b["span"]) for b in r["bridge"]["bridges"]] == spans
         assert r["layers"] == len(r["kept"]) + len(spans)
+    # round 2 reuses the bridge of every seam round 1 already fitted, and fits the others
+    before = {tuple(b["span"]): b for b in rounds[0]["bridge"]["bridges"]}
+    for b in rounds[1]["bridge"]["bridges"]:
+        old = before.get(tuple(b["span"]))
+        assert bool(b.get("reused")) == (old is not None)
+        assert old is None or b["fit_loss_after"] == old["fit_loss_after"]
     final = models.load_model(str(res.final_model))
     assert final.config.num_hidden_layers == rounds[-1]["layers"]
     md = res.report_md.read_text()
     assert "## Layers kept" in md and "`--select bi`" in md and "in place of layers" in md
     with pytest.raises(ConfigError, match="different settings"):
         recipe.run(tiny_run(**{**knobs, "select": "lazy"}))
+
+
+def test_a_growth_round_reuses_the_bridges_of_the_seams_it_keeps(tiny_run, monkeypatch):
+    """Round 1 keeps layers 0 and 3 (seams 1-2 and 4-5), round 2 adds 1 and 2 (seam 4-5 only):
+    round 2 gets round 1's fitted bridge for 4-5 and fits nothing."""
+    from inheritune.surgery import bridge as bridge_mod
+
+    knobs = {"select": "0,3", "extra_eval": None, "bridge": "block"}
+    knobs |= {"bridge_steps": 3, "calib_tokens": 128, "calib_seq_len": 16}
+    fits: list = []
+    real = bridge_mod.fit_bridge
+    monkeypatch.setattr(bridge_mod, "fit_bridge", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    res = recipe.run(tiny_run(**knobs))
+    r1, r2 = (r["bridge"]["bridges"] for r in res.report["rounds"])
+    assert [b["span"] for b in r1] == [[1, 3], [4, 6]] and [b["span"] for b in r2] == [[4, 6]]
+    assert len(fits) == 2 and r2[0]["reused"] and not r1[1].get("reused")
+    assert r2[0]["fit_loss_after"] == r1[1]["fit_loss_after"]
+    model = models.load_model(str(res.final_model))
+    assert get_arch(model).num_layers == 5
 
 
 def test_run_defaults_to_the_study_winner_and_the_paper_is_one_flag_away(tiny_run):

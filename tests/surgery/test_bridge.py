@@ -226,6 +226,38 @@ def test_bridge_input_pruned_fits_each_bridge_on_the_smaller_models_stream(monke
         bridge.BridgeConfig(bridge_input="own")
 
 
+def test_a_later_build_reuses_the_bridges_of_seams_it_shares(monkeypatch):
+    """reuse: a growth round that keeps a seam gets that seam's fitted block (the same weights
+    as a fresh fit, which depends on the span alone with --bridge-input reference) without
+    fitting it again; its other seams are fitted; --bridge-input pruned refits everything."""
+    ref = reference("llama", layers=6)
+    cfg = bridge.BridgeConfig(**{**CFG, "norm_iters": 0, "bridge_steps": 5})
+    first, stats1 = bridge.build_bridged(ref, [0, 3], windows(), cfg)  # spans [1, 3), [4, 6)
+    fitted = bridge.fitted_bridges(first, stats1)
+    assert set(fitted) == {(1, 3), (4, 6)}
+    fits: list = []
+    real = bridge.fit_bridge
+    monkeypatch.setattr(bridge, "fit_bridge", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    grown, stats2 = bridge.build_bridged(ref, [0, 3, 4], windows(), cfg, reuse=fitted)
+    assert len(fits) == 1  # only the new seam [5, 6)
+    assert [(b["span"], bool(b.get("reused"))) for b in stats2["bridges"]] == [
+        ([1, 3], True),
+        ([5, 6], False),
+    ]
+    assert stats2["bridges"][0]["fit_loss_after"] == stats1["bridges"][0]["fit_loss_after"]
+    fresh, _ = bridge.build_bridged(ref, [0, 3, 4], windows(), cfg)
+    blocks = [get_arch(m).layers[1].state_dict() for m in (grown, fresh, first)]
+    for name, t in blocks[0].items():
+        torch.testing.assert_close(t, blocks[1][name])  # reused == refitted
+        torch.testing.assert_close(t, blocks[2][name])
+    pruned = bridge.BridgeConfig(
+        **{**CFG, "norm_iters": 0, "bridge_steps": 5, "bridge_input": "pruned"}
+    )
+    fits.clear()
+    _, stats3 = bridge.build_bridged(ref, [0, 3, 4], windows(), pruned, reuse=fitted)
+    assert len(fits) == 2 and not any(b.get("reused") for b in stats3["bridges"])
+
+
 def test_bridge_spans_limits_the_bridges():
     ref = reference("llama")
     cfg = bridge.BridgeConfig(**{**CFG, "bridge_spans": 1, "norm_iters": 0, "bridge_steps": 2})

@@ -148,6 +148,7 @@ class _Job:
     extra_windows: dict[str, Any] | None = None  # --extra-eval: name -> windows (same shape)
     _scores: Any = None  # the reference's layer scores for --select, measured on first use
     prebuilt: Any = None  # --select auto: (kept, model, bridge fit) of round 1, built once
+    fitted: dict | None = None  # span -> a fitted bridge of this invocation, reused by later rounds
 
     def scores(self) -> LayerScores | None:
         """The scores ``--select`` keeps and grows by (None for first, keep-last and lists),
@@ -407,13 +408,18 @@ def _bridged_round_model(job: _Job, kept: list[int], rdir: Path) -> tuple[Any, d
         model, stats = pre[1], pre[2]
     else:
         ids = bridge.calibration_windows(job.tokens.train, cfg, seed)
-        model, stats = bridge.build_bridged(job.reference, kept, ids, cfg, seed=seed, bridged=spans)
+        model, stats = bridge.build_bridged(
+            job.reference, kept, ids, cfg, seed=seed, bridged=spans, reuse=job.fitted
+        )
+    job.fitted = {**(job.fitted or {}), **bridge.fitted_bridges(model, stats)}
     if job.env.is_main:
         atomic_write_json(record, stats)
     where = ", ".join(f"{a}-{b - 1}" for a, b in spans)
+    reused = sum(bool(b.get("reused")) for b in stats["bridges"])
     _log(
-        f"{len(spans)} bridge block(s) on {len(kept)} layers (in place of layers {where}): fit "
-        f"loss {stats['fit_loss_before']:.4f} -> {stats['fit_loss_after']:.4f} "
+        f"{len(spans)} bridge block(s) on {len(kept)} layers (in place of layers {where}"
+        + (f"; {reused} fitted in an earlier round, reused" if reused else "")
+        + f"): fit loss {stats['fit_loss_before']:.4f} -> {stats['fit_loss_after']:.4f} "
         f"({stats['wall_seconds']:.0f} s)"
     )
     return model, stats

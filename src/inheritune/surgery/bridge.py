@@ -405,9 +405,16 @@ def build_bridged(
     cfg: BridgeConfig,
     seed: int = 0,
     bridged: Sequence[tuple[int, int]] | None = None,
+    reuse: dict[tuple[int, int], dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The reference's ``kept`` blocks (an int: the first that many) with a fitted bridge block in
     place of each removed span, then (``cfg.norm_iters``) the final norm refitted.
+
+    ``reuse`` (span -> :func:`fitted_bridges`' entry of an earlier build with the same reference,
+    ``calib_ids``, ``cfg`` and ``seed``) skips the fit of those spans: with ``--bridge-input
+    reference`` a bridge is fitted from the reference's own streams alone, so its fit depends on
+    its span and nothing else the selection changes (a growth round keeps most seams). Ignored
+    for ``--bridge-input pruned``, where each bridge depends on those below it.
 
     ``bridged`` are the spans [a, b) that get a bridge (default: every removed span, or the
     ``cfg.bridge_spans`` longest); each bridge is fitted alone on the reference's own streams,
@@ -437,14 +444,21 @@ def build_bridged(
     wall, cpu = time.perf_counter(), time.process_time()
     hold = max(1, len(ids) // 8)
     pruned = cfg.bridge_input == "pruned"
-    need = {b for _, b in gaps} if pruned else {d for gap in gaps for d in gap}
-    streams = collect_streams(reference, ids, sorted(need))
+    reuse = {} if pruned or reuse is None else {tuple(k): v for k, v in reuse.items()}
+    todo = [g for g in gaps if tuple(g) not in reuse]
+    need = {b for _, b in todo} if pruned else {d for gap in todo for d in gap}
+    streams = collect_streams(reference, ids, sorted(need)) if need else {}
     seconds_states = time.process_time() - cpu
     center = _centers(reference)
     gain = _gain(reference)
     model, positions, sources = add_bridges(reference, kept, gaps, cfg.bridge_init, seed=seed)
     bridges = []
     for (a, b), pos, src in zip(gaps, positions, sources, strict=True):
+        if (a, b) in reuse:  # fitted by an earlier build: the same block, its numbers kept
+            get_arch(model).layers[pos].load_state_dict(reuse[(a, b)]["state"])
+            bridges.append({**reuse[(a, b)]["record"], "position": pos, "reused": True})
+            bridges[-1]["cpu_seconds"] = 0.0
+            continue
         # pruned: the smaller model's own stream entering the bridge (the bridges below fitted)
         h_in = collect_streams(model, ids, [pos])[pos] if pruned else streams[a]
         h_out = streams[b]
@@ -526,6 +540,18 @@ def build_bridged(
         "wall_seconds": time.perf_counter() - wall,
     }
     return model, stats
+
+
+def fitted_bridges(model: nn.Module, stats: dict[str, Any]) -> dict[tuple[int, int], dict]:
+    """span -> {"state": the fitted block's weights (copies), "record": its fit numbers} of a
+    :func:`build_bridged` result: what a later build may ``reuse``."""
+    layers = get_arch(model).layers
+    out = {}
+    for br in stats["bridges"]:
+        state = {k: v.detach().clone() for k, v in layers[br["position"]].state_dict().items()}
+        record = {k: v for k, v in br.items() if k not in ("position", "reused")}
+        out[(int(br["span"][0]), int(br["span"][1]))] = {"state": state, "record": record}
+    return out
 
 
 def bridge_on_corpus(
