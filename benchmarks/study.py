@@ -283,7 +283,7 @@ def run(args) -> None:
     precision = study.precision()["precision"]
     while True:
         done = read_rows(args.out)
-        queue = [spec(args.only)] if args.only else plan(done)
+        queue = [spec(args.only, distill=args.only_distill)] if args.only else plan(done)
         todo = [r for r in queue if r["id"] not in done]
         if not todo or (args.max_rows and len(done) >= args.max_rows):
             break
@@ -344,7 +344,11 @@ def report(args) -> Path:
             f"{_f(e['train_windows'])} | {_f(t['build'], 0)} | {_f(t['train'], 0)} | "
             f"{_f(t['tokens_per_s'], 0)} | {cpu} |"
         )
-    lines += ["", *verdict(rows), "", f"![start and end losses]({png.name})", ""]
+    lines += ["", *verdict(rows), ""]
+    longer = args.out.with_name(args.out.stem + "-long.jsonl")
+    if longer.is_file():
+        lines += [*longer_rows(rows, list(read_rows(longer).values()), longer), ""]
+    lines += [f"![start and end losses]({png.name})", ""]
     md.write_text("\n".join(lines))
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.4 * len(rows) + 2.5), sharey=True)
     y = np.arange(len(rows))
@@ -365,6 +369,35 @@ def report(args) -> Path:
     fig.savefig(png, dpi=110)
     print(md)
     return md
+
+
+def longer_rows(rows: list[dict[str, Any]], long: list[dict[str, Any]], path: Path) -> list[str]:
+    """Issue #25 point 5: what more training buys -- each longer row (``study.py run --only
+    SELECT --steps N --out ...-long.jsonl``) beside the study's row of the same start."""
+    by_id = {r["id"]: r for r in rows}
+    out = [
+        "## What more training buys",
+        "",
+        f"The same start trained longer ([{path.name}]({path.name}), `benchmarks/study.py run "
+        "--only SELECT --steps N`; the schedule still decays to 0 at the row's last step). "
+        "Goal of issue #25: within 0.5 nats of the reference on Brown and botchan.",
+        "",
+        "| row | tokens | train s | end: brown / botchan | above the reference: brown / botchan "
+        "| goal met |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for lr in long:
+        for r in (by_id.get(lr["id"]), lr):
+            if r is None:
+                continue
+            e, ref = r["end"], r["reference"]
+            gap = (e["brown"] - ref["brown"], e["botchan"] - ref["botchan"])
+            out.append(
+                f"| {r['id']} | {r['tokens']:,} | {_f(r['seconds']['train'], 0)} | "
+                f"{_f(e['brown'])} / {_f(e['botchan'])} | {gap[0]:+.3f} / {gap[1]:+.3f} | "
+                f"{'yes' if max(gap) <= 0.5 else 'no'} |"
+            )
+    return out
 
 
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
@@ -426,6 +459,7 @@ def main() -> None:
         help="run only this selection's 20-layer Brown row (e.g. bi with --steps 400 and "
         "another --out: the longer row of issue #25 point 5)",
     )
+    ap.add_argument("--only-distill", action="store_true", help="--only's row with distillation")
     args = ap.parse_args()
     run(args) if args.what == "run" else report(args)
 

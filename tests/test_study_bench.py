@@ -65,3 +65,15 @@ def test_the_verdict_says_when_the_top_two_are_within_the_seed_spread(study):
     rows[3] = finished(study, study.spec("bi", seed=1), 4.21)
     assert "the margin is larger than it" in "\n".join(study.verdict(rows))
     assert study.verdict(rows[:1]) == ["Too few rows for a verdict yet."]
+
+
+def test_a_longer_row_is_shown_beside_its_study_row_with_the_goal(study, tmp_path):
+    def row(loss: float, tokens: int, train_s: float) -> dict:
+        return {**finished(study, study.spec("bi"), loss), "tokens": tokens,
+                "seconds": {"train": train_s}}  # fmt: skip
+
+    lines = study.longer_rows([row(4.5, 51_200, 97)], [row(4.2, 204_800, 380)], tmp_path / "x")
+    table = [x for x in lines if x.startswith("| bi-20L-brown")]
+    # brown = loss + 0.1 against 3.9; botchan = loss against 3.8
+    assert table[0] == "| bi-20L-brown | 51,200 | 97 | 4.600 / 4.500 | +0.700 / +0.700 | no |"
+    assert table[1] == "| bi-20L-brown | 204,800 | 380 | 4.300 / 4.200 | +0.400 / +0.400 | yes |"
