@@ -118,9 +118,7 @@ def _machine_section(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- time budget: {budget:.0f} s per round (build, evaluations and checkpoints charged)"
         )
-    runs = [(f"round {r['round']}", r) for r in report["rounds"]]
-    runs += [("paper's recipe", report["baseline"])] if report.get("baseline") else []
-    for who, r in runs:
+    for who, r in _trainings(report):
         evals = sum(e.get("seconds", 0.0) for e in r.get("evals", []))
         share = 100.0 * evals / r["wall_s"] if r.get("wall_s") else 0.0
         line = (
@@ -230,24 +228,15 @@ def _start(run: dict[str, Any]) -> str:
 
 def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
     """All rounds' validation curves (x = tokens trained in that round) and the target line."""
-    curves = {}
+    curves: dict[str, tuple[list, list]] = {}
     recipe = recipe_name(report)
     for r in report["rounds"]:
-        evals = r.get("evals") or []
-        xs = [e["tokens"] for e in evals]
-        label = f"round {r['round']} ({recipe}): {r['layers']} layers"
-        curves[label] = (xs, [e["val_loss"] for e in evals])
-        for name in evals[0].get("extra", {}) if evals else ():
-            label = f"round {r['round']}: {name} (held out)"
-            curves[label] = (xs, [e["extra"][name] for e in evals])
+        who = f"round {r['round']}"
+        _add_curves(curves, r, f"{who} ({recipe}): {r['layers']} layers", who)
     baseline = report.get("baseline")
     if baseline:
-        evals = baseline.get("evals") or []
-        xs = [e["tokens"] for e in evals]
-        label = f"paper's recipe: {baseline_name(baseline)}"
-        curves[label] = (xs, [e["val_loss"] for e in evals])
-        for name in evals[0].get("extra", {}) if evals else ():
-            curves[f"paper's recipe: {name} (held out)"] = (xs, [e["extra"][name] for e in evals])
+        who = "paper's recipe"
+        _add_curves(curves, baseline, f"{who}: {baseline_name(baseline)}", who)
     ref = _extra_refs(report)
     more = {f"reference on {name}": loss for name, loss in ref.items()} or None
     return plots.plot_curves(
@@ -259,6 +248,21 @@ def plot_rounds(report: dict[str, Any], path: str | Path) -> Path:
         reference_label=report["target"]["label"],
         more_references=more,
     )
+
+
+def _trainings(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, record) of every training the run did: the rounds, then ``--baseline``'s."""
+    runs = [(f"round {r['round']}", r) for r in report["rounds"]]
+    return runs + ([("paper's recipe", report["baseline"])] if report.get("baseline") else [])
+
+
+def _add_curves(curves: dict, r: dict[str, Any], val_label: str, who: str) -> None:
+    """One training's validation curve (as ``val_label``) and its --extra-eval curves."""
+    evals = r.get("evals") or []
+    xs = [e["tokens"] for e in evals]
+    curves[val_label] = (xs, [e["val_loss"] for e in evals])
+    for name in evals[0].get("extra", {}) if evals else ():
+        curves[f"{who}: {name} (held out)"] = (xs, [e["extra"][name] for e in evals])
 
 
 def recipe_name(report: dict[str, Any]) -> str:
@@ -359,15 +363,11 @@ def _phase_times(report: dict[str, Any]) -> list[str]:
     trained = report["reference"].get("trained")
     if trained:
         rows.append(("training the reference (target)", trained["wall_s"]))
-    for r in report["rounds"]:
+    for who, r in _trainings(report):
         what = "bridge fit" if r.get("bridge") else "final-norm calibration"
         if r.get("build_s") is not None:
-            rows.append((f"round {r['round']}: build + {what}", r["build_s"]))
-        rows.append((f"round {r['round']}: training ({r['layers']} layers)", r["wall_s"]))
-    b = report.get("baseline")
-    if b:
-        rows.append(("paper's recipe: build + bridge fit", b.get("build_s") or 0.0))
-        rows.append((f"paper's recipe: training ({b['layers']} layers)", b["wall_s"]))
+            rows.append((f"{who}: build + {what}", r["build_s"]))
+        rows.append((f"{who}: training ({r['layers']} layers)", r["wall_s"]))
     speed = report["final"].get("speed") or {}
     if speed.get("seconds") is not None:
         rows.append(("inference-speed timing", speed["seconds"]))

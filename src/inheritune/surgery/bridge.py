@@ -456,8 +456,8 @@ def build_bridged(
     for (a, b), pos, src in zip(gaps, positions, sources, strict=True):
         if (a, b) in reuse:  # fitted by an earlier build: the same block, its numbers kept
             get_arch(model).layers[pos].load_state_dict(reuse[(a, b)]["state"])
-            bridges.append({**reuse[(a, b)]["record"], "position": pos, "reused": True})
-            bridges[-1]["cpu_seconds"] = 0.0
+            record = reuse[(a, b)]["record"]
+            bridges.append({**record, "position": pos, "reused": True, "cpu_seconds": 0.0})
             continue
         # pruned: the smaller model's own stream entering the bridge (the bridges below fitted)
         h_in = collect_streams(model, ids, [pos])[pos] if pruned else streams[a]
